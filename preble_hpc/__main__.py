@@ -1,0 +1,4 @@
+from preble_hpc.launch import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
