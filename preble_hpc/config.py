@@ -113,9 +113,28 @@ class SchedulerConfig:
     """Cap of the global radix tree in tokens; least-recently-used nodes no rank holds go first."""
     online_fit: bool = True
     """Re-fit cost-model coefficients from the timings that workers report."""
+    replicate_ttft_growth: float = 2.0
+    """Replicate a hot prefix when the mean TTFT of every holder in the newer half of the window is
+    this many times the older half (Preble: 2x)."""
+    ttft_min_samples: int = 4
+    """TTFT samples each half-window needs before its growth counts as evidence."""
+    cost_fit_forgetting: float = 0.995
+    """Forgetting factor of the online cost fit (recursive least squares): each new timing
+    discounts older ones by this factor; 1.0 never forgets."""
+    cost_fit_noise: float = 0.2
+    """Relative noise assumed on worker timings (0.2: +-20%); larger trusts the profile longer."""
 
     def __post_init__(self) -> None:
-        _positive(self, "window_s", "tree_capacity_tokens")
+        _positive(self, "window_s", "tree_capacity_tokens", "ttft_min_samples", "cost_fit_noise")
+        _require(
+            self.replicate_ttft_growth > 1,
+            f"SchedulerConfig.replicate_ttft_growth must be > 1, got {self.replicate_ttft_growth}",
+        )
+        _require(
+            0 < self.cost_fit_forgetting <= 1,
+            f"SchedulerConfig.cost_fit_forgetting must be in (0, 1], "
+            f"got {self.cost_fit_forgetting}",
+        )
         _require(
             self.rebalance_ratio > 1,
             f"SchedulerConfig.rebalance_ratio must be > 1, got {self.rebalance_ratio}",

@@ -1,0 +1,369 @@
+"""Placement policies: Preble's E2 and the baselines, under one interface.
+
+Every policy is a function of a ``PolicyInput`` (the tree match seen per rank, per-rank loads, the
+cost model's estimates for this request) and returns a ``Decision``. E2 is a pure function of its
+input and the config; baselines that keep a cursor (round robin) are small objects. The scheduler
+(``scheduler.py``) builds the input; this module never touches the tree, the clock or the network.
+
+Units: every cost E2 compares is GPU time in seconds (load ``L``, eviction ``M``, prefill ``P``).
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from preble_hpc.config import ConfigError, SchedulerConfig
+
+__all__ = [
+    "Decision",
+    "DecisionKind",
+    "POLICY_NAMES",
+    "PolicyInput",
+    "Policy",
+    "check_policy_name",
+    "make_policy",
+    "e2",
+    "explore_cost",
+]
+
+
+class DecisionKind(enum.Enum):
+    """Which branch placed a request; ``.value`` is the name used in outputs."""
+
+    EXPLOIT = "exploit"
+    EXPLORE = "explore"
+    REPLICATE = "replicate"
+    REBALANCE = "rebalance"
+    BASELINE = "baseline"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where one request goes, why, and how much of its prompt the tree believes is cached there."""
+
+    rank: int
+    kind: DecisionKind
+    reason: str
+    cached_tokens: int
+
+
+POLICY_NAMES = (
+    "e2",
+    "round_robin",
+    "least_load",
+    "prefix_affinity",
+    "sglang_cache_aware",
+    "dynamo_kv",
+    "llmd_scorer",
+)
+
+
+def check_policy_name(name: str) -> None:
+    """Raise ``ConfigError`` naming the valid policies when ``name`` is not one of them (Preble's
+    code silently fell back to random on a typo)."""
+    if name not in POLICY_NAMES:
+        raise ConfigError(
+            f"unknown scheduling policy {name!r}; valid policies: {', '.join(POLICY_NAMES)}"
+        )
+
+
+@dataclass(slots=True)
+class PolicyInput:
+    """What a policy sees for one request. Per-rank maps cover every rank in ``ranks``."""
+
+    ranks: Sequence[int]
+    """Live ranks that may take the request, ascending."""
+    prompt_tokens: int
+    max_tokens: int
+    per_rank_cached: Mapping[int, int]
+    """Prompt tokens each rank holds (absent: 0), from the global tree."""
+    cached: int
+    """Longest prefix any rank holds."""
+    load: Mapping[int, float]
+    """L: GPU seconds of the rank's requests in the window H."""
+    in_flight: Mapping[int, int]
+    """Requests placed on the rank that have not ended."""
+    waiting: Mapping[int, int]
+    """Requests queued on the rank, not yet running (worker LoadStats; in-flight before any)."""
+    kv_usage: Mapping[int, float]
+    """Fraction of the rank's KV cache in use, 0..1."""
+    hit_ratio: Mapping[int, float]
+    """The rank's own cached/prompt token ratio over the window."""
+    tree_tokens: Mapping[int, int]
+    """Tokens the global tree believes the rank holds."""
+    block_size: Mapping[int, int]
+    active_prefill_tokens: Mapping[int, int]
+    """Prompt tokens still to prefill on the rank (placed, no first token yet)."""
+    active_blocks: Mapping[int, int]
+    """KV blocks of the rank's in-flight requests."""
+    prefill_cost: Callable[[int], float]
+    """P_i: prefill time of this request's missing tokens on rank i."""
+    eviction_cost: Callable[[int], float]
+    """M_i: cost of the KV rank i must evict to fit this request."""
+
+    def holders(self) -> list[int]:
+        """Ranks holding the longest cached prefix."""
+        c = self.cached
+        if c <= 0:
+            return []
+        get = self.per_rank_cached.get
+        return [r for r in self.ranks if get(r, 0) == c]
+
+
+class Policy:
+    """A placement policy: ``decide(input) -> Decision``."""
+
+    name = ""
+
+    def decide(self, inp: PolicyInput) -> Decision:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------- E2
+
+
+def explore_cost(inp: PolicyInput, rank: int) -> float:
+    """``L + M + P`` of placing the request on ``rank`` (GPU seconds)."""
+    return inp.load[rank] + inp.eviction_cost(rank) + inp.prefill_cost(rank)
+
+
+def _cheapest(inp: PolicyInput, candidates: Sequence[int]) -> tuple[int, float]:
+    best_rank, best_key = candidates[0], None
+    for r in candidates:
+        key = (explore_cost(inp, r), inp.in_flight.get(r, 0), r)
+        if best_key is None or key < best_key:
+            best_rank, best_key = r, key
+    assert best_key is not None
+    return best_rank, best_key[0]
+
+
+def e2(inp: PolicyInput, config: SchedulerConfig) -> Decision:
+    """Preble's E2 (Srivatsa et al., "Preble: Efficient Distributed Prompt Scheduling for LLM
+    Serving", ICLR 2025, Sec. 4 / Algorithm 1), with the paper's costs that its code leaves out.
+
+    - EXPLOIT when ``cached > missing``: the prefix is worth more than the load; among the ranks
+      holding the longest prefix take the cheapest by ``L + M + P``.
+    - EXPLORE otherwise: the rank minimising ``L + M + P`` over all ranks, where ``P`` is the
+      prefill of the tokens *that* rank lacks (Preble's code has no such term), ``M`` the hit-
+      weighted recompute cost of what it would evict, ``L`` its windowed load.
+    - Prefill/decode balance (paper Sec. 4.2): when exploring, a decode-heavy rank (its own
+      windowed hit ratio >= ``config.decode_heavy_hit_ratio``) takes the prefill-heavy prompt, as
+      long as its cost stays within ``config.rebalance_ratio`` of the cheapest rank (beyond that
+      the imbalance rule would move the request back anyway).
+    """
+    prompt = inp.prompt_tokens
+    cached = inp.cached
+    missing = prompt - cached
+    if cached > missing:
+        holders = inp.holders()
+        rank, cost = _cheapest(inp, holders)
+        return Decision(
+            rank,
+            DecisionKind.EXPLOIT,
+            f"cached {cached} > missing {missing}: cheapest of {len(holders)} holder(s), "
+            f"L+M+P={cost:.4f}s",
+            cached,
+        )
+    rank, cost = _cheapest(inp, inp.ranks)
+    threshold = config.decode_heavy_hit_ratio
+    decode_heavy = [r for r in inp.ranks if inp.hit_ratio.get(r, 0.0) >= threshold and r != rank]
+    if decode_heavy and inp.hit_ratio.get(rank, 0.0) < threshold:
+        alt, alt_cost = _cheapest(inp, decode_heavy)
+        if alt_cost <= config.rebalance_ratio * cost:
+            return Decision(
+                alt,
+                DecisionKind.EXPLORE,
+                f"cached {cached} <= missing {missing}: decode-heavy rank (hit ratio "
+                f"{inp.hit_ratio.get(alt, 0.0):.2f} >= {threshold}) takes the prefill-heavy "
+                f"prompt, L+M+P={alt_cost:.4f}s vs best {cost:.4f}s",
+                inp.per_rank_cached.get(alt, 0),
+            )
+    return Decision(
+        rank,
+        DecisionKind.EXPLORE,
+        f"cached {cached} <= missing {missing}: min L+M+P={cost:.4f}s over {len(inp.ranks)} ranks",
+        inp.per_rank_cached.get(rank, 0),
+    )
+
+
+class E2Policy(Policy):
+    name = "e2"
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+
+    def decide(self, inp: PolicyInput) -> Decision:
+        return e2(inp, self.config)
+
+
+# ---------------------------------------------------------------------- baselines
+
+
+def _baseline(rank: int, reason: str, inp: PolicyInput) -> Decision:
+    return Decision(rank, DecisionKind.BASELINE, reason, inp.per_rank_cached.get(rank, 0))
+
+
+class RoundRobin(Policy):
+    """Next live rank in turn, ignoring cache and load."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def decide(self, inp: PolicyInput) -> Decision:
+        ranks = inp.ranks
+        rank = ranks[self._next % len(ranks)]
+        self._next = (self._next + 1) % len(ranks)
+        return _baseline(rank, "round robin", inp)
+
+
+class LeastLoad(Policy):
+    """Lowest windowed load ``L`` (ties: fewest in flight, then lowest rank); ignores the cache."""
+
+    name = "least_load"
+
+    def decide(self, inp: PolicyInput) -> Decision:
+        rank = min(inp.ranks, key=lambda r: (inp.load[r], inp.in_flight.get(r, 0), r))
+        return _baseline(rank, f"least load L={inp.load[rank]:.4f}s", inp)
+
+
+class PrefixAffinity(Policy):
+    """Always exploit: a rank holding the longest prefix (least loaded among them); with nothing
+    cached anywhere, the least-loaded rank."""
+
+    name = "prefix_affinity"
+
+    def decide(self, inp: PolicyInput) -> Decision:
+        holders = inp.holders() or list(inp.ranks)
+        rank = min(holders, key=lambda r: (inp.load[r], inp.in_flight.get(r, 0), r))
+        return _baseline(rank, f"longest prefix {inp.cached} tokens", inp)
+
+
+@dataclass
+class SglangCacheAware(Policy):
+    """SGLang router ``cache_aware`` policy (sgl-project/sglang, sgl-router
+    ``src/policies/cache_aware.rs``; defaults from the router's CLI: ``cache_threshold=0.3``,
+    ``balance_abs_threshold=64``, ``balance_rel_threshold=1.5``).
+
+    Load is the number of requests the router has in flight on each worker. If the system is
+    imbalanced, ``max - min > balance_abs_threshold`` AND ``max > min * balance_rel_threshold``,
+    take the worker with the fewest in flight (shortest queue). Otherwise match the prompt in the
+    router's tree: if ``matched / prompt > cache_threshold`` take the worker with the longest
+    match, else the worker whose tree is smallest (most room for new cache).
+    The router's tree is approximate (its own routing history, over characters); ours is the
+    engines' real cache over tokens, the same for every policy, so only the rule is compared.
+    """
+
+    cache_threshold: float = 0.3
+    balance_abs_threshold: int = 64
+    balance_rel_threshold: float = 1.5
+    name = "sglang_cache_aware"
+
+    def decide(self, inp: PolicyInput) -> Decision:
+        counts = inp.in_flight
+        loads = [counts.get(r, 0) for r in inp.ranks]
+        hi, lo = max(loads), min(loads)
+        if hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold:
+            rank = min(inp.ranks, key=lambda r: (counts.get(r, 0), r))
+            return _baseline(rank, f"imbalanced ({hi} vs {lo} in flight): shortest queue", inp)
+        rate = inp.cached / inp.prompt_tokens if inp.prompt_tokens else 0.0
+        if rate > self.cache_threshold:
+            rank = min(inp.holders(), key=lambda r: (counts.get(r, 0), r))
+            return _baseline(rank, f"match rate {rate:.2f} > {self.cache_threshold}", inp)
+        rank = min(inp.ranks, key=lambda r: (inp.tree_tokens.get(r, 0), r))
+        return _baseline(
+            rank, f"match rate {rate:.2f} <= {self.cache_threshold}: smallest tree", inp
+        )
+
+
+@dataclass
+class DynamoKv(Policy):
+    """NVIDIA Dynamo KV router, default worker selector (ai-dynamo/dynamo,
+    ``lib/llm/src/kv_router/scheduler.rs`` ``DefaultWorkerSelector``; defaults
+    ``overlap_score_weight=1.0`` (``--kv-overlap-score-weight``), ``router_temperature=0``).
+
+    For each worker::
+
+        logit = overlap_score_weight * prefill_blocks + decode_blocks
+        prefill_blocks = (request tokens not cached there + its active prefill tokens) / block
+        decode_blocks  = request blocks not cached there + its active KV blocks
+
+    Temperature 0 picks the lowest logit; ties go to the worker with the smaller tree, then the
+    lowest rank.
+    """
+
+    overlap_score_weight: float = 1.0
+    name = "dynamo_kv"
+
+    def decide(self, inp: PolicyInput) -> Decision:
+        best: tuple[float, int, int] | None = None
+        for r in inp.ranks:
+            block = inp.block_size.get(r, 16) or 16
+            cached = inp.per_rank_cached.get(r, 0)
+            new_tokens = inp.prompt_tokens - cached
+            prefill_blocks = (new_tokens + inp.active_prefill_tokens.get(r, 0)) / block
+            request_blocks = -(-inp.prompt_tokens // block)
+            new_blocks = request_blocks - cached // block
+            decode_blocks = new_blocks + inp.active_blocks.get(r, 0)
+            logit = self.overlap_score_weight * prefill_blocks + decode_blocks
+            key = (logit, inp.tree_tokens.get(r, 0), r)
+            if best is None or key < best:
+                best = key
+        assert best is not None
+        return _baseline(best[2], f"lowest KV-router logit {best[0]:.2f}", inp)
+
+
+@dataclass
+class LlmdScorer(Policy):
+    """llm-d inference scheduler (llm-d/llm-d-inference-scheduler, on the Gateway API Inference
+    Extension's EPP) with its default scheduling profile: ``prefix-cache-scorer`` weight 3,
+    ``kv-cache-utilization-scorer`` weight 2, ``queue-scorer`` weight 2, ``max-score-picker``.
+
+    Scores are in [0, 1]: prefix = cached blocks / request blocks; kv = 1 - KV usage;
+    queue = (max_waiting - waiting) / (max_waiting - min_waiting) (1 for all when equal).
+    The highest weighted sum wins; ties are broken at random (the picker shuffles).
+    """
+
+    rng: random.Random = field(default_factory=random.Random)
+    prefix_weight: float = 3.0
+    kv_weight: float = 2.0
+    queue_weight: float = 2.0
+    name = "llmd_scorer"
+
+    def decide(self, inp: PolicyInput) -> Decision:
+        waiting = [inp.waiting.get(r, 0) for r in inp.ranks]
+        hi, lo = max(waiting), min(waiting)
+        best_score = None
+        best: list[int] = []
+        for r, q in zip(inp.ranks, waiting, strict=True):
+            block = inp.block_size.get(r, 16) or 16
+            request_blocks = -(-inp.prompt_tokens // block) or 1
+            prefix = (inp.per_rank_cached.get(r, 0) // block) / request_blocks
+            kv = 1.0 - inp.kv_usage.get(r, 0.0)
+            queue = 1.0 if hi == lo else (hi - q) / (hi - lo)
+            score = self.prefix_weight * prefix + self.kv_weight * kv + self.queue_weight * queue
+            if best_score is None or score > best_score:
+                best_score, best = score, [r]
+            elif score == best_score:
+                best.append(r)
+        rank = best[0] if len(best) == 1 else self.rng.choice(best)
+        return _baseline(rank, f"highest weighted score {best_score:.3f}", inp)
+
+
+def make_policy(name: str, config: SchedulerConfig, rng: random.Random) -> Policy:
+    """The policy registered as ``name``; ``ConfigError`` lists the valid names otherwise."""
+    check_policy_name(name)
+    factories: dict[str, Callable[[], Policy]] = {
+        "e2": lambda: E2Policy(config),
+        "round_robin": RoundRobin,
+        "least_load": LeastLoad,
+        "prefix_affinity": PrefixAffinity,
+        "sglang_cache_aware": SglangCacheAware,
+        "dynamo_kv": DynamoKv,
+        "llmd_scorer": lambda: LlmdScorer(rng=rng),
+    }
+    return factories[name]()

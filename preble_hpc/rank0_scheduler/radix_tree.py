@@ -1,0 +1,464 @@
+"""Global radix tree over token ids: which rank holds which prefix, and how hot each prefix is.
+
+The tree mirrors the engines' prefix caches. A node is a run of tokens; ``node.ranks`` is the set of
+ranks whose engine holds the whole path from the root through that node. Because an engine can only
+hold a block if it holds the blocks before it, holder sets shrink going down a path::
+
+    root ── [system 0..900) {1,2,3} ──┬── [doc A 900..1800) {1,2} ── [question 1800..1850) {2}
+                                      └── [doc B 900..1700) {3}
+
+(the invariant ``child.ranks <= parent.ranks`` is kept by every mutation below). The longest prefix
+rank r holds for a prompt is the end depth of the deepest matched node that has r.
+
+Memory is bounded: the tree holds at most ``capacity_tokens`` tokens. Past it, nodes that no rank
+holds go first (oldest first), then, if every node is held, the least recently used node of the
+rank holding the most tokens (the tree then forgets a copy that still exists; counted in
+``forgotten_tokens``).
+
+Matching never copies the prompt as a whole: each node's segment is compared with the slice of the
+prompt at the node's offset, in C, and children are found by a dict keyed by their first token.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["Node", "Match", "RadixTree"]
+
+
+class Node:
+    """One run of tokens. ``depth`` is the number of tokens from the root through this node."""
+
+    __slots__ = (
+        "seg",
+        "children",
+        "parent",
+        "ranks",
+        "depth",
+        "last_access",
+        "hit_epoch",
+        "hit_cur",
+        "hit_prev",
+        "replicas",
+    )
+
+    def __init__(self, seg: list[int], parent: Node | None, depth: int, now: float) -> None:
+        self.seg = seg
+        self.children: dict[int, Node] = {}
+        self.parent = parent
+        self.ranks: set[int] = set()
+        self.depth = depth
+        self.last_access = now
+        # Windowed hit counter: counts in the current and the previous window-long bucket.
+        self.hit_epoch = -1
+        self.hit_cur = 0
+        self.hit_prev = 0
+        #: Ranks that hold this prefix because the rebalancer replicated it here (rebalance.py).
+        self.replicas: set[int] | None = None
+
+    @property
+    def start(self) -> int:
+        """Depth of the first token of this node."""
+        return self.depth - len(self.seg)
+
+    def __repr__(self) -> str:
+        return f"Node([{self.start}:{self.depth}) ranks={sorted(self.ranks)})"
+
+
+@dataclass(slots=True)
+class Match:
+    """Result of matching a prompt against the tree (valid until the tree changes)."""
+
+    path: list[Node]
+    """Matched nodes from the root down; the last one may be matched only in part."""
+    length: int
+    """Prompt tokens found in the tree at all (held by some rank or not)."""
+    tail: int
+    """Tokens matched inside the last node of ``path`` (``len(seg)`` when matched whole)."""
+    per_rank: dict[int, int]
+    """rank -> prompt tokens that rank holds (only ranks holding at least one token)."""
+    cached: int
+    """Longest prefix of the prompt held by any rank (``max(per_rank.values())`` or 0)."""
+
+    def holders(self) -> list[int]:
+        """Ranks holding the longest cached prefix, in rank order."""
+        c = self.cached
+        if c == 0:
+            return []
+        return sorted(r for r, n in self.per_rank.items() if n == c)
+
+    def node_at(self, depth: int) -> Node | None:
+        """Deepest path node whose matched part ends at or below ``depth`` (None at the root)."""
+        found = None
+        for node in self.path:
+            if node.start < depth:
+                found = node
+            else:
+                break
+        return found
+
+
+def _as_list(tokens: Sequence[int]) -> list[int]:
+    # Segments are lists so that a list slice of the prompt compares with them in C. Prompts arrive
+    # as lists (Submit.prompt_token_ids); only other sequences (cache-event tuples) are converted.
+    return tokens if type(tokens) is list else list(tokens)
+
+
+def _common_len(seg: list[int], tokens: list[int], offset: int, limit: int) -> int:
+    """Length of the common prefix of ``seg`` and ``tokens[offset:]``, at most ``limit``.
+
+    Bisection on slice equality: each step compares only the not-yet-known half, so the total work
+    is about 2 * limit element comparisons, all in C.
+    """
+    lo, hi = 0, limit  # seg[:lo] == tokens[offset:offset+lo] is known; the answer is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if seg[lo:mid] == tokens[offset + lo : offset + mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class RadixTree:
+    """Prefix tree of token ids with per-rank holders, windowed hits and a token cap."""
+
+    def __init__(self, capacity_tokens: int, window_s: float) -> None:
+        if capacity_tokens <= 0:
+            raise ValueError(f"capacity_tokens must be > 0, got {capacity_tokens}")
+        if window_s <= 0:
+            raise ValueError(f"window_s must be > 0, got {window_s}")
+        self.capacity_tokens = capacity_tokens
+        self.window_s = window_s
+        self.root = Node([], None, 0, 0.0)
+        self.total_tokens = 0
+        self.num_nodes = 0
+        #: Tokens the cap made the tree forget while some rank still held them.
+        self.forgotten_tokens = 0
+        #: Per rank: held nodes, least recently used first (the engine's eviction order).
+        self._rank_lru: dict[int, OrderedDict[Node, None]] = {}
+        self._held: dict[int, int] = {}
+        #: Nodes no rank holds, in the order they became unheld (dropped first past the cap).
+        self._unheld: OrderedDict[Node, None] = OrderedDict()
+
+    # ------------------------------------------------------------------ queries
+
+    def match(self, tokens: Sequence[int]) -> Match:
+        """Longest match of ``tokens`` in the tree and, per rank, the prefix it holds."""
+        tokens = _as_list(tokens)
+        n = len(tokens)
+        node = self.root
+        path: list[Node] = []
+        i = 0
+        tail = 0
+        while i < n:
+            child = node.children.get(tokens[i])
+            if child is None:
+                break
+            seg = child.seg
+            size = len(seg)
+            if i + size <= n and seg == tokens[i : i + size]:
+                path.append(child)
+                i += size
+                tail = size
+                node = child
+                continue
+            # Partial match inside this child (its first token matched via the dict key).
+            k = _common_len(seg, tokens, i, min(size, n - i))
+            path.append(child)
+            i += k
+            tail = k
+            break
+        return Match(path, i, tail, *self._per_rank(path, tail))
+
+    @staticmethod
+    def _per_rank(path: list[Node], tail: int) -> tuple[dict[int, int], int]:
+        per_rank: dict[int, int] = {}
+        if not path:
+            return per_rank, 0
+        everyone = len(path[0].ranks)  # holder sets shrink going down: path[0] has all of them
+        last = len(path) - 1
+        for idx in range(last, -1, -1):
+            node = path[idx]
+            if not node.ranks:
+                continue
+            end = node.start + tail if idx == last else node.depth
+            for r in node.ranks:
+                if r not in per_rank:
+                    per_rank[r] = end
+            if len(per_rank) == everyone:
+                break
+        cached = max(per_rank.values()) if per_rank else 0
+        return per_rank, cached
+
+    def held_tokens(self, rank: int) -> int:
+        """Tokens the tree believes ``rank`` holds."""
+        return self._held.get(rank, 0)
+
+    def ranks(self) -> list[int]:
+        """Ranks that hold anything."""
+        return [r for r, n in self._held.items() if n > 0]
+
+    def hits(self, node: Node, now: float) -> float:
+        """Requests that matched ``node`` in the last window (sliding-window estimate)."""
+        w = self.window_s
+        epoch = int(now // w)
+        if node.hit_epoch == epoch:
+            prev, cur = node.hit_prev, node.hit_cur
+        elif node.hit_epoch == epoch - 1:
+            prev, cur = node.hit_cur, 0
+        else:
+            return 0.0
+        frac = now / w - epoch
+        return prev * (1.0 - frac) + cur
+
+    def eviction_cost(
+        self,
+        rank: int,
+        need_tokens: int,
+        recompute_s: Callable[[int, int], float],
+        now: float,
+        keep: Match | None = None,
+    ) -> float:
+        """Cost of the KV ``rank`` must evict to free ``need_tokens``: for each node it would
+        evict (its LRU order), the time to recompute it times its windowed hits per holder.
+
+        ``recompute_s(tokens, context)`` is the cost model's marginal prefill time. Nodes of
+        ``keep`` (the request's own matched path) are in use and never evicted.
+        """
+        if need_tokens <= 0:
+            return 0.0
+        lru = self._rank_lru.get(rank)
+        if not lru:
+            return 0.0
+        protect = keep.path if keep is not None else ()
+        freed = 0
+        cost = 0.0
+        for node in lru:
+            if node in protect:
+                continue
+            size = len(node.seg)
+            h = self.hits(node, now)
+            if h > 0.0:
+                cost += recompute_s(size, node.start) * h / len(node.ranks)
+            freed += size
+            if freed >= need_tokens:
+                break
+        return cost
+
+    # ------------------------------------------------------------------ mutations
+
+    def record_hit(self, m: Match, now: float) -> None:
+        """Count one request against every node it matched."""
+        w = self.window_s
+        epoch = int(now // w)
+        for node in m.path:
+            if node.hit_epoch == epoch:
+                node.hit_cur += 1
+            else:
+                node.hit_prev = node.hit_cur if node.hit_epoch == epoch - 1 else 0
+                node.hit_cur = 1
+                node.hit_epoch = epoch
+            node.last_access = now
+
+    def hold(self, tokens: Sequence[int], rank: int, now: float, m: Match | None = None) -> int:
+        """``rank`` now holds all of ``tokens`` (STORED, or the scheduler's optimistic mark).
+
+        ``m`` is a match of the same tokens made since the tree last changed (saves a walk).
+        Returns the number of tokens newly marked as held by ``rank``.
+        """
+        tokens = _as_list(tokens)
+        if m is None:
+            m = self.match(tokens)
+        n = len(tokens)
+        path = m.path
+        if path and m.tail < len(path[-1].seg):
+            last = path[-1]
+            # Split when the new suffix branches off inside ``last``, or when the rank gains only
+            # the upper part of it.
+            if m.length < n or rank not in last.ranks:
+                path[-1] = self._split(last, m.tail)
+        if m.length < n:
+            parent = path[-1] if path else self.root
+            leaf = Node(tokens[m.length :], parent, n, now)
+            parent.children[tokens[m.length]] = leaf
+            self.total_tokens += n - m.length
+            self.num_nodes += 1
+            self._unheld[leaf] = None  # held just below; keeps the bookkeeping in one place
+            path.append(leaf)
+        gained = self._add_rank(path, rank, now)
+        if self.total_tokens > self.capacity_tokens:
+            self._enforce_cap()
+        return gained
+
+    def evict(self, tokens: Sequence[int], block_tokens: int, rank: int) -> int:
+        """EVICTED: ``rank`` no longer holds the last ``block_tokens`` of ``tokens`` nor anything
+        below them. Returns the tokens ``rank`` lost in the tree (0 if it held none of them, or if
+        the block is not in the tree: tokens that differ from the tree's path name another block).
+        """
+        tokens = _as_list(tokens)
+        n = len(tokens)
+        if not 0 < block_tokens <= n:
+            raise ValueError(f"block_tokens must be in [1, {n}], got {block_tokens}")
+        start = n - block_tokens
+        node = self.root
+        i = 0
+        top: Node | None = None  # the node holding token ``start``
+        while i < n:
+            child = node.children.get(tokens[i])
+            if child is None:
+                break  # the tree knows only part of the block (the rest was never seen or capped)
+            if top is None and rank not in child.ranks:
+                return 0  # the rank holds nothing from here down
+            seg = child.seg
+            size = len(seg)
+            if i + size <= n:
+                if seg != tokens[i : i + size]:
+                    return 0
+            elif seg[: n - i] != tokens[i:]:
+                return 0
+            if top is None and child.depth > start:
+                top = child
+            node = child
+            i += size
+        if top is None:
+            return 0
+        if top.start < start:
+            self._split(top, start - top.start)  # ``top`` keeps the lower part
+        return self._drop_rank(top, rank)
+
+    def clear_rank(self, rank: int) -> int:
+        """CLEARED or rank removed: forget everything ``rank`` holds. Returns tokens dropped."""
+        lru = self._rank_lru.pop(rank, None)
+        dropped = self._held.pop(rank, 0)
+        if lru:
+            for node in lru:
+                node.ranks.discard(rank)
+                if node.replicas:
+                    node.replicas.discard(rank)
+                if not node.ranks:
+                    self._unheld[node] = None
+        return dropped
+
+    # ------------------------------------------------------------------ internals
+
+    def _add_rank(self, path: list[Node], rank: int, now: float) -> int:
+        lru = self._rank_lru.get(rank)
+        if lru is None:
+            lru = self._rank_lru[rank] = OrderedDict()
+        gained = 0
+        # Leaf first, then towards the root: ancestors end up more recent than their descendants,
+        # so an LRU walk meets a leaf before its parent, as an engine evicts.
+        for idx in range(len(path) - 1, -1, -1):
+            node = path[idx]
+            node.last_access = now
+            if rank in node.ranks:
+                lru.move_to_end(node)
+                continue
+            if not node.ranks:
+                self._unheld.pop(node, None)
+            node.ranks.add(rank)
+            lru[node] = None
+            gained += len(node.seg)
+        self._held[rank] = self._held.get(rank, 0) + gained
+        return gained
+
+    def _split(self, node: Node, k: int) -> Node:
+        """Cut ``node`` after its first ``k`` tokens; returns the new upper node."""
+        seg = node.seg
+        upper = Node(seg[:k], node.parent, node.start + k, node.last_access)
+        upper.ranks = set(node.ranks)
+        upper.hit_epoch, upper.hit_cur, upper.hit_prev = node.hit_epoch, node.hit_cur, node.hit_prev
+        if node.replicas:
+            upper.replicas = set(node.replicas)
+        node.seg = seg[k:]
+        node.parent = upper
+        upper.children[node.seg[0]] = node
+        assert upper.parent is not None
+        upper.parent.children[seg[0]] = upper
+        self.num_nodes += 1
+        for r in upper.ranks:
+            self._rank_lru[r][upper] = None
+        if not upper.ranks:
+            self._unheld[upper] = None
+        return upper
+
+    def _drop_rank(self, top: Node, rank: int) -> int:
+        """Remove ``rank`` from ``top`` and every node below it."""
+        lru = self._rank_lru[rank]
+        dropped = 0
+        stack = [top]
+        while stack:
+            node = stack.pop()
+            if rank not in node.ranks:
+                continue
+            node.ranks.discard(rank)
+            if node.replicas:
+                node.replicas.discard(rank)
+            del lru[node]
+            dropped += len(node.seg)
+            if not node.ranks:
+                self._unheld[node] = None
+            stack.extend(node.children.values())
+        self._held[rank] -= dropped
+        return dropped
+
+    def _remove_subtree(self, top: Node) -> None:
+        parent = top.parent
+        assert parent is not None, "the root is never removed"
+        del parent.children[top.seg[0]]
+        stack = [top]
+        while stack:
+            node = stack.pop()
+            size = len(node.seg)
+            self.total_tokens -= size
+            self.num_nodes -= 1
+            if node.ranks:
+                self.forgotten_tokens += size
+                for r in node.ranks:
+                    del self._rank_lru[r][node]
+                    self._held[r] -= size
+            else:
+                self._unheld.pop(node, None)
+            node.parent = None
+            stack.extend(node.children.values())
+
+    def _enforce_cap(self) -> None:
+        while self.total_tokens > self.capacity_tokens:
+            if self._unheld:
+                node = next(iter(self._unheld))
+            else:
+                rank = max(self._held, key=self._held.__getitem__)
+                node = next(iter(self._rank_lru[rank]))
+            self._remove_subtree(node)
+
+    # ------------------------------------------------------------------ checks (tests)
+
+    def check_invariants(self) -> None:
+        """Assert the bookkeeping is consistent (O(tree); for tests)."""
+        total = 0
+        count = 0
+        held: dict[int, int] = {}
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            for key, child in node.children.items():
+                assert child.parent is node
+                assert child.seg and child.seg[0] == key
+                assert child.depth == node.depth + len(child.seg)
+                assert child.ranks <= node.ranks or node is self.root, (node, child)
+                assert (not child.ranks) == (child in self._unheld), child
+                for r in child.ranks:
+                    assert child in self._rank_lru[r]
+                    held[r] = held.get(r, 0) + len(child.seg)
+                total += len(child.seg)
+                count += 1
+                stack.append(child)
+        assert total == self.total_tokens, (total, self.total_tokens)
+        assert count == self.num_nodes, (count, self.num_nodes)
+        assert len(self._unheld) == sum(1 for _ in self._unheld)
+        for r, n in self._held.items():
+            assert held.get(r, 0) == n, (r, held.get(r, 0), n)
+            assert len(self._rank_lru[r]) == sum(1 for node in self._rank_lru[r] if r in node.ranks)

@@ -1,0 +1,134 @@
+"""What E2 does after its first choice: replicate hot prefixes, rebalance heavy ranks, scale back.
+
+``Rebalancer.adjust`` takes E2's decision and the same ``PolicyInput`` and may redirect an EXPLOIT
+decision (explore already took the global minimum of ``L + M + P``):
+
+1. **Replicate** (paper Sec. 4.3): the prefix is hot when *every* rank holding it is overloaded,
+   either by load (its windowed load exceeds ``replicate_load_ratio`` x the cluster mean) or by
+   latency (its mean TTFT in the newer half of the window is ``replicate_ttft_growth`` x the older
+   half). Both are measured on the injected clock, so they trigger in the simulator too (Preble's
+   wall-clock TTFT check never fires in replay). The request then goes to the cheapest non-holder
+   by ``L + M + P`` (REPLICATE), which thereby caches the prefix; the rank is remembered as a
+   replica of that prefix. "Every holder" makes the trigger self-limiting: the new replica has
+   neither the load nor the TTFT history, so the next request uses it instead of replicating again.
+   A load-triggered replica is made only when it is cheaper than the holder; a TTFT-triggered one
+   regardless (growing TTFT is the evidence that the cost model underestimates the holders).
+2. **Scale back**: when the prefix is no longer hot, requests for it go to an original holder
+   instead of a replica (while the original costs at most ``rebalance_ratio`` x the replica), so
+   the replica copies age out of those engines' caches.
+3. **Rebalance** (paper Sec. 4.3, ``rebalance_ratio``): when the chosen rank's load exceeds the
+   lightest rank's by the ratio, the request moves to the cheapest rank among those lighter by the
+   ratio, if it costs less there even after recomputing the prefix (REBALANCE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from preble_hpc.config import SchedulerConfig
+from preble_hpc.rank0_scheduler.policy import Decision, DecisionKind, PolicyInput, explore_cost
+from preble_hpc.rank0_scheduler.radix_tree import Match, Node
+
+__all__ = ["Rebalancer", "prefix_node"]
+
+
+def prefix_node(m: Match, holders: list[int]) -> Node | None:
+    """The deepest matched node the holders of the longest prefix hold (the "hot prefix")."""
+    if not holders:
+        return None
+    first = holders[0]
+    for node in reversed(m.path):
+        if first in node.ranks:
+            return node
+    return None
+
+
+def _cheapest(inp: PolicyInput, candidates) -> tuple[int | None, float]:
+    best, best_key = None, None
+    for r in candidates:
+        key = (explore_cost(inp, r), inp.in_flight.get(r, 0), r)
+        if best_key is None or key < best_key:
+            best, best_key = r, key
+    return best, (best_key[0] if best_key else float("inf"))
+
+
+class Rebalancer:
+    """Replication, scale-back and rebalancing on top of E2 (see module docstring)."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+
+    def is_hot(
+        self, inp: PolicyInput, holders: list[int], ttft_growth: Callable[[int], float]
+    ) -> tuple[bool, str]:
+        """Whether every holder is overloaded by load or by TTFT growth; and the reason."""
+        cfg = self.config
+        ranks = inp.ranks
+        mean = sum(inp.load[r] for r in ranks) / len(ranks)
+        if mean > 0.0 and all(inp.load[h] > cfg.replicate_load_ratio * mean for h in holders):
+            return True, f"holders' load > {cfg.replicate_load_ratio} x mean {mean:.3f}s"
+        if all(ttft_growth(h) >= cfg.replicate_ttft_growth for h in holders):
+            return True, f"holders' TTFT grew >= {cfg.replicate_ttft_growth}x over the window"
+        return False, ""
+
+    def adjust(
+        self,
+        d: Decision,
+        inp: PolicyInput,
+        m: Match,
+        ttft_growth: Callable[[int], float],
+    ) -> Decision:
+        if d.kind is not DecisionKind.EXPLOIT or len(inp.ranks) < 2:
+            return d
+        holders = inp.holders()
+        node = prefix_node(m, holders)
+        hot, why = self.is_hot(inp, holders, ttft_growth)
+        chosen_cost = explore_cost(inp, d.rank)
+        if hot:
+            held = set(holders)
+            alt, alt_cost = _cheapest(inp, (r for r in inp.ranks if r not in held))
+            by_ttft = why.startswith("holders' TTFT")
+            if alt is not None and (by_ttft or alt_cost < chosen_cost):
+                if node is not None:
+                    if node.replicas is None:
+                        node.replicas = set()
+                    node.replicas.add(alt)
+                return Decision(
+                    alt,
+                    DecisionKind.REPLICATE,
+                    f"hot prefix ({why}): replicate on rank {alt}, L+M+P={alt_cost:.4f}s vs "
+                    f"holder {d.rank} {chosen_cost:.4f}s",
+                    inp.per_rank_cached.get(alt, 0),
+                )
+        elif node is not None and node.replicas and d.rank in node.replicas:
+            originals = [h for h in holders if h not in node.replicas]
+            rank, cost = _cheapest(inp, originals)
+            # Concentrate on the originals only while that keeps within the rebalance ratio;
+            # beyond it the rebalance rule would move the request right back.
+            if rank is not None and cost <= self.config.rebalance_ratio * chosen_cost:
+                d = Decision(
+                    rank,
+                    DecisionKind.EXPLOIT,
+                    f"prefix cooled: scale back to original holder, L+M+P={cost:.4f}s",
+                    d.cached_tokens,
+                )
+                chosen_cost = cost
+        return self._rebalance(d, inp, chosen_cost)
+
+    def _rebalance(self, d: Decision, inp: PolicyInput, chosen_cost: float) -> Decision:
+        ratio = self.config.rebalance_ratio
+        load = inp.load
+        heavy = load[d.rank]
+        lightest = min(load[r] for r in inp.ranks)
+        if heavy <= ratio * lightest:
+            return d
+        alt, alt_cost = _cheapest(inp, (r for r in inp.ranks if ratio * load[r] < heavy))
+        if alt is None or alt == d.rank or alt_cost >= chosen_cost:
+            return d
+        return Decision(
+            alt,
+            DecisionKind.REBALANCE,
+            f"rank {d.rank} load {heavy:.3f}s > {ratio} x lightest {lightest:.3f}s: move to "
+            f"rank {alt}, L+M+P={alt_cost:.4f}s vs {chosen_cost:.4f}s",
+            inp.per_rank_cached.get(alt, 0),
+        )

@@ -1,0 +1,397 @@
+"""GlobalScheduler: rank 0's placement logic; glue of tree, cost model, load, policy, rebalancer.
+
+One thread (rank 0's event loop) calls every method; nothing here locks, sleeps, or does I/O. The
+clock and RNG are injected, so the same object runs in real time under MPI and in virtual time in
+the simulator.
+
+Life of a request::
+
+    schedule()  match the prompt in the tree -> PolicyInput -> policy (E2: + rebalancer) -> Decision
+                count a hit on every matched node; mark the chosen rank as holding the prompt
+                (optimistic; the engine's STORED/EVICTED reports correct it); add the estimated
+                GPU time to the rank's load window
+    on_first_token()  TTFT sample for the replication trigger
+    on_finished()     measured timings replace the estimate; the cost model re-fits
+    on_request_dropped()  ended without timings: its estimate leaves the window
+
+How this closes the gaps of Preble's published scheduler: ``P`` (prefill of the tokens the rank
+lacks) is part of E2's cost; hit/miss ratios are per rank; the tree has a token cap; evictions come
+from the engines' own KV events instead of a simulated LRU; the cost model is a profile per
+model/GPU, re-fitted online; every window runs on the injected clock, so replication triggers in
+replay; an unknown policy name is a ConfigError listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from preble_hpc.config import SchedulerConfig
+from preble_hpc.messages import (
+    CacheEventKind,
+    CacheReport,
+    Finished,
+    LoadStats,
+    WorkerReady,
+)
+from preble_hpc.rank0_scheduler.cost_model import CostModel
+from preble_hpc.rank0_scheduler.load import LoadTracker
+from preble_hpc.rank0_scheduler.policy import (
+    Decision,
+    DecisionKind,
+    PolicyInput,
+    check_policy_name,
+    make_policy,
+)
+from preble_hpc.rank0_scheduler.radix_tree import Match, RadixTree
+from preble_hpc.rank0_scheduler.rebalance import Rebalancer
+
+__all__ = ["GlobalScheduler", "DEFAULT_BLOCK_SIZE"]
+
+#: vLLM's KV block size on GPU, used for a rank until its WorkerReady gives the real one.
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass(slots=True)
+class _Request:
+    rank: int
+    t_scheduled: float
+    prompt_tokens: int
+    new_tokens: int
+    blocks: int
+    max_tokens: int
+    prefilling: bool = True
+
+
+class _PerRank(Mapping[int, float]):
+    """A read-only per-rank view computed on access (only the ranks a policy looks at cost time)."""
+
+    __slots__ = ("_fn", "_ranks")
+
+    def __init__(self, fn: Callable[[int], float], ranks: Sequence[int]) -> None:
+        self._fn = fn
+        self._ranks = ranks
+
+    def __getitem__(self, rank: int) -> float:
+        return self._fn(rank)
+
+    def get(self, rank, default=None):  # type: ignore[override]
+        return self._fn(rank)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ranks)
+
+    def __len__(self) -> int:
+        return len(self._ranks)
+
+
+class GlobalScheduler:
+    """Contract A (see .notes/CONTRACTS.md)."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        ranks: Sequence[int],
+        *,
+        clock: Callable[[], float],
+        rng: random.Random,
+        cost_model: CostModel | None = None,
+    ) -> None:
+        check_policy_name(config.policy)
+        self.config = config
+        self.clock = clock
+        self.rng = rng
+        self.cost = cost_model if cost_model is not None else CostModel.from_config(config)
+        self.tree = RadixTree(config.tree_capacity_tokens, config.window_s)
+        self.loads = LoadTracker(config.window_s, clock)
+        self.policy = make_policy(config.policy, config, rng)
+        self.rebalancer = Rebalancer(config) if config.policy == "e2" else None
+        self._live: list[int] = []
+        self._removed: set[int] = set()
+        self._requests: dict[str, _Request] = {}
+        # Per-rank state kept incrementally, so a decision reads it without rebuilding anything.
+        self._in_flight: dict[int, int] = {}
+        self._waiting: dict[int, int] = {}
+        self._running: dict[int, int] = {}
+        self._kv_usage: dict[int, float] = {}
+        self._capacity: dict[int, int] = {}
+        self._block_size: dict[int, int] = {}
+        self._active_prefill: dict[int, int] = {}
+        self._active_blocks: dict[int, int] = {}
+        self._has_stats: set[int] = set()
+        # Mean completion / max_tokens of finished requests (output length estimate), smoothed with
+        # the cost fit's forgetting factor.
+        self._out_ratio = 1.0
+        self.decisions = {k.value: 0 for k in DecisionKind}
+        self.cache_events = {k.value: 0 for k in CacheEventKind}
+        self.cache_events["ignored"] = 0
+        self.cache_events["not_in_tree"] = 0
+        for r in ranks:
+            self._add_rank(r)
+        self._load_view = _PerRank(self._load_of, self._live)
+        self._hit_view = _PerRank(self._hit_of, self._live)
+
+    # ------------------------------------------------------------------ ranks
+
+    def _add_rank(self, rank: int) -> None:
+        if rank in self._in_flight:
+            return
+        self._removed.discard(rank)
+        self._live.append(rank)
+        self._live.sort()
+        self._in_flight[rank] = 0
+        self._waiting[rank] = 0
+        self._running[rank] = 0
+        self._kv_usage[rank] = 0.0
+        self._block_size.setdefault(rank, DEFAULT_BLOCK_SIZE)
+        self._active_prefill[rank] = 0
+        self._active_blocks[rank] = 0
+        self.loads.add_rank(rank)
+
+    def on_worker_ready(self, msg: WorkerReady) -> None:
+        """Learn a rank's KV capacity and block size (a rank that restarts comes back live)."""
+        self._add_rank(msg.rank)
+        self._capacity[msg.rank] = msg.kv_capacity_tokens
+        if msg.block_size > 0:
+            self._block_size[msg.rank] = msg.block_size
+
+    def remove_rank(self, rank: int) -> list[str]:
+        """Stop routing to a failed rank; returns the ids of its in-flight requests (dropped)."""
+        if rank not in self._in_flight:
+            return []
+        lost = [rid for rid, req in self._requests.items() if req.rank == rank]
+        for rid in lost:
+            del self._requests[rid]
+        self._live.remove(rank)
+        self._removed.add(rank)
+        for table in (
+            self._in_flight,
+            self._waiting,
+            self._running,
+            self._kv_usage,
+            self._active_prefill,
+            self._active_blocks,
+        ):
+            del table[rank]
+        self._has_stats.discard(rank)
+        self.loads.remove_rank(rank)
+        self.tree.clear_rank(rank)
+        return lost
+
+    # ------------------------------------------------------------------ decisions
+
+    def _load_of(self, rank: int) -> float:
+        return self.loads.load(rank)
+
+    def _hit_of(self, rank: int) -> float:
+        return self.loads.hit_ratio(rank)
+
+    def _eviction_cost(self, rank: int, missing: int, m: Match, now: float) -> float:
+        capacity = self._capacity.get(rank)
+        if capacity is None or missing <= 0:
+            return 0.0
+        need = self.tree.held_tokens(rank) + missing - capacity
+        if need <= 0:
+            return 0.0
+        return self.tree.eviction_cost(rank, need, self.cost.recompute_s, now, keep=m)
+
+    def _policy_input(self, n: int, max_tokens: int, m: Match, now: float) -> PolicyInput:
+        per_rank = m.per_rank
+        cost = self.cost
+
+        def prefill_cost(rank: int) -> float:
+            c = per_rank.get(rank, 0)
+            return cost.prefill_s(n - c, c)
+
+        def eviction_cost(rank: int) -> float:
+            return self._eviction_cost(rank, n - per_rank.get(rank, 0), m, now)
+
+        return PolicyInput(
+            ranks=self._live,
+            prompt_tokens=n,
+            max_tokens=max_tokens,
+            per_rank_cached=per_rank,
+            cached=m.cached,
+            load=self._load_view,
+            in_flight=self._in_flight,
+            waiting=self._waiting,
+            kv_usage=self._kv_usage,
+            hit_ratio=self._hit_view,
+            tree_tokens=self.tree._held,
+            block_size=self._block_size,
+            active_prefill_tokens=self._active_prefill,
+            active_blocks=self._active_blocks,
+            prefill_cost=prefill_cost,
+            eviction_cost=eviction_cost,
+        )
+
+    def schedule(self, request_id: str, token_ids: Sequence[int], max_tokens: int) -> Decision:
+        """Place one request; records it in flight on the chosen rank and marks that rank as
+        holding the prompt. Never copies ``token_ids`` as a whole; O(prompt) work at most."""
+        if not self._live:
+            raise RuntimeError("no live worker rank to schedule on")
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        now = self.clock()
+        n = len(token_ids)
+        m = self.tree.match(token_ids)
+        inp = self._policy_input(n, max_tokens, m, now)
+        d = self.policy.decide(inp)
+        if self.rebalancer is not None:
+            d = self.rebalancer.adjust(d, inp, m, self._ttft_growth)
+        rank = d.rank
+        cached = m.per_rank.get(rank, 0)
+        new_tokens = n - cached
+        in_flight = self._in_flight[rank] + 1
+        estimate = self.cost.prefill_s(new_tokens, cached) + self.cost.decode_s(
+            max(1, round(max_tokens * self._out_ratio)), max(in_flight, self._running[rank] + 1)
+        )
+        if n:
+            self.tree.record_hit(m, now)
+            self.tree.hold(token_ids, rank, now, m)
+        self.loads.add(request_id, rank, estimate, n, cached)
+        blocks = -(-n // self._block_size[rank])
+        self._requests[request_id] = _Request(rank, now, n, new_tokens, blocks, max_tokens)
+        self._in_flight[rank] = in_flight
+        self._active_prefill[rank] += new_tokens
+        self._active_blocks[rank] += blocks
+        self.decisions[d.kind.value] += 1
+        return d
+
+    def _ttft_growth(self, rank: int) -> float:
+        return self.loads.ttft_growth(rank, self.config.ttft_min_samples)
+
+    # ------------------------------------------------------------------ request events
+
+    def _end_prefill(self, req: _Request) -> None:
+        if req.prefilling:
+            req.prefilling = False
+            if req.rank in self._active_prefill:
+                self._active_prefill[req.rank] -= req.new_tokens
+
+    def _release(self, request_id: str) -> _Request | None:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        self._end_prefill(req)
+        if req.rank in self._in_flight:
+            self._in_flight[req.rank] -= 1
+            self._active_blocks[req.rank] -= req.blocks
+        return req
+
+    def on_first_token(self, request_id: str) -> None:
+        """First output token seen: a TTFT sample on the request's rank."""
+        req = self._requests.get(request_id)
+        if req is None or not req.prefilling:
+            return
+        self._end_prefill(req)
+        self.loads.record_ttft(req.rank, self.clock() - req.t_scheduled)
+
+    def on_finished(self, msg: Finished) -> None:
+        """Measured timings replace the estimate in the window and re-fit the cost model."""
+        req = self._release(msg.request_id)
+        if req is None:
+            return
+        rank = req.rank
+        # Sequences decoding beside this one: the worker's own count when it reported one.
+        if rank in self._has_stats:
+            batch = max(1, self._running[rank])
+        else:
+            batch = self._in_flight.get(rank, 0) + 1
+        new_tokens = max(0, msg.prompt_tokens - msg.cached_tokens)
+        decoded = max(0, msg.completion_tokens - 1)
+        if msg.prefill_s > 0:
+            self.cost.observe_prefill(new_tokens, msg.cached_tokens, msg.prefill_s)
+        if decoded > 0 and msg.decode_s_per_token > 0:
+            self.cost.observe_decode(batch, msg.decode_s_per_token)
+        prefill = (
+            msg.prefill_s
+            if msg.prefill_s > 0
+            else self.cost.prefill_s(new_tokens, msg.cached_tokens)
+        )
+        decode = (
+            decoded * msg.decode_s_per_token / batch
+            if msg.decode_s_per_token > 0
+            else self.cost.decode_s(decoded, batch)
+        )
+        self.loads.finish(msg.request_id, prefill + decode, msg.prompt_tokens, msg.cached_tokens)
+        if req.max_tokens > 0 and msg.finish_reason != "abort":
+            lam = self.config.cost_fit_forgetting
+            ratio = min(1.0, msg.completion_tokens / req.max_tokens)
+            self._out_ratio = lam * self._out_ratio + (1.0 - lam) * ratio
+
+    def on_request_dropped(self, request_id: str) -> None:
+        """The request ended without Finished (error, abort, failure): forget its estimate."""
+        if self._release(request_id) is not None:
+            self.loads.drop(request_id)
+
+    # ------------------------------------------------------------------ worker reports
+
+    def on_cache_report(self, msg: CacheReport) -> None:
+        """Mirror one rank's cache changes into the tree."""
+        rank = msg.rank
+        if rank not in self._in_flight:
+            self.cache_events["ignored"] += len(msg.events)
+            return
+        now = self.clock()
+        tree = self.tree
+        counts = self.cache_events
+        for ev in msg.events:
+            kind = ev.kind
+            counts[kind.value] += 1
+            if kind is CacheEventKind.STORED:
+                if ev.token_ids:
+                    tree.hold(ev.token_ids, rank, now)
+            elif kind is CacheEventKind.EVICTED:
+                if not 0 < ev.block_tokens <= len(ev.token_ids):
+                    counts["ignored"] += 1
+                elif tree.evict(ev.token_ids, ev.block_tokens, rank) == 0:
+                    counts["not_in_tree"] += 1
+            elif kind is CacheEventKind.CLEARED:
+                tree.clear_rank(rank)
+
+    def on_load_stats(self, msg: LoadStats) -> None:
+        rank = msg.rank
+        if rank not in self._in_flight:
+            return
+        self._has_stats.add(rank)
+        self._waiting[rank] = msg.waiting + msg.local_queue
+        self._running[rank] = msg.running
+        self._kv_usage[rank] = msg.kv_usage
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> dict:
+        """JSON-able snapshot: per-rank load/in-flight/hit rate, decisions by kind, tree size."""
+        now = self.clock()
+        ranks = {}
+        for r in self._live:
+            ranks[str(r)] = {
+                "load_s": round(self.loads.load(r, now), 6),
+                "in_flight": self._in_flight[r],
+                "hit_ratio": round(self.loads.hit_ratio(r, now), 6),
+                "miss_rate": round(self.loads.miss_rate(r, now), 6),
+                "requests_in_window": self.loads.requests_in_window(r, now),
+                "tree_tokens": self.tree.held_tokens(r),
+                "kv_capacity_tokens": self._capacity.get(r),
+                "waiting": self._waiting[r],
+                "running": self._running[r],
+                "kv_usage": self._kv_usage[r],
+            }
+        return {
+            "policy": self.config.policy,
+            "ranks": ranks,
+            "removed_ranks": sorted(self._removed),
+            "in_flight": len(self._requests),
+            "decisions": dict(self.decisions),
+            "tree": {
+                "tokens": self.tree.total_tokens,
+                "nodes": self.tree.num_nodes,
+                "capacity_tokens": self.tree.capacity_tokens,
+                "forgotten_tokens": self.tree.forgotten_tokens,
+            },
+            "cache_events": dict(self.cache_events),
+            "cost_model": {"profile": self.cost.profile.name, **self.cost.coefficients()},
+            "output_length_ratio": round(self._out_ratio, 6),
+        }
