@@ -294,9 +294,17 @@ class RadixTree:
         return gained
 
     def evict(self, tokens: Sequence[int], block_tokens: int, rank: int) -> int:
-        """EVICTED: ``rank`` no longer holds the last ``block_tokens`` of ``tokens`` nor anything
-        below them. Returns the tokens ``rank`` lost in the tree (0 if it held none of them, or if
-        the block is not in the tree: tokens that differ from the tree's path name another block).
+        """EVICTED: ``rank`` no longer holds the block ``tokens[-block_tokens:]`` nor anything below
+        it on that path. Returns the tokens ``rank`` lost in the tree (0 if it held none of them,
+        or if the block is not in the tree: tokens that differ from the tree's path are another
+        block).
+
+        Branches that leave the block's path inside the block are other blocks of the engine and
+        keep the rank; so does the shared run of tokens above them::
+
+            tokens:  [ ... prefix ... | e v i c t e d ]
+            tree:    ... ─ [p r e f i x] ─ [e v i] ┬─ [c t e d]   <- rank dropped from here down
+                                                   └─ [l ...]     <- another block: kept
         """
         tokens = _as_list(tokens)
         n = len(tokens)
@@ -305,13 +313,13 @@ class RadixTree:
         start = n - block_tokens
         node = self.root
         i = 0
-        top: Node | None = None  # the node holding token ``start``
+        block_path: list[Node] = []  # nodes holding tokens start..n-1, from the top
         while i < n:
             child = node.children.get(tokens[i])
             if child is None:
                 break  # the tree knows only part of the block (the rest was never seen or capped)
-            if top is None and rank not in child.ranks:
-                return 0  # the rank holds nothing from here down
+            if rank not in child.ranks:
+                break  # the rank holds nothing from here down
             seg = child.seg
             size = len(seg)
             if i + size <= n:
@@ -319,13 +327,22 @@ class RadixTree:
                     return 0
             elif seg[: n - i] != tokens[i:]:
                 return 0
-            if top is None and child.depth > start:
-                top = child
+            if child.depth > start:
+                block_path.append(child)
             node = child
             i += size
-        if top is None:
+        if not block_path:
             return 0
-        if top.start < start:
+        # Drop from just below the last branch point inside the block where the rank holds
+        # another branch (that branch still needs the tokens above it).
+        top_idx = 0
+        for idx in range(1, len(block_path)):
+            parent = block_path[idx - 1]
+            on_path = block_path[idx]
+            if any(c is not on_path and rank in c.ranks for c in parent.children.values()):
+                top_idx = idx
+        top = block_path[top_idx]
+        if top_idx == 0 and top.start < start:
             self._split(top, start - top.start)  # ``top`` keeps the lower part
         return self._drop_rank(top, rank)
 
