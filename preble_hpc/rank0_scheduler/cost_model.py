@@ -9,8 +9,11 @@ Prefill of ``n`` new tokens after ``c`` cached tokens::
 
 Decode: one engine step over a batch of ``B`` running sequences takes
 ``step_s(B) = step_base + step_per_seq * B`` (weights read once per step, KV read per sequence);
-that is the time per output token (TPOT) every sequence sees. A request's share of GPU time per
-output token is ``step_s(B) / B``, which is what the load window adds up (all in GPU time).
+that is the time per output token (TPOT) every sequence sees. What one more decoding request adds
+to a rank's GPU time is the marginal ``step_per_seq`` per output token: the step runs anyway for
+the others, so charging a request ``step_s(B) / B`` would make a rank with a few long decodes look
+busier than one that must prefill thousands of tokens, while batching hides most of that decode.
+The load window therefore adds up prefill time plus marginal decode time.
 
 Coefficients come from a profile file (``preble_hpc/profiles/NAME.json``, each naming its published
 source) and, with ``online_fit``, are re-fitted from the timings workers report in ``Finished`` by
@@ -218,10 +221,9 @@ class CostModel:
         b = batch if batch > 1 else 1
         return self.decode_step_base_s + self.decode_step_per_seq_s * b
 
-    def decode_s(self, tokens: int, batch: int) -> float:
-        """A request's share of GPU time to decode ``tokens`` tokens among ``batch`` sequences."""
-        b = batch if batch > 1 else 1
-        return tokens * self.step_s(b) / b
+    def decode_s(self, tokens: int) -> float:
+        """GPU time one more request adds to a running batch by decoding ``tokens`` tokens."""
+        return tokens * self.decode_step_per_seq_s
 
     # ------------------------------------------------------------------ online fit
 

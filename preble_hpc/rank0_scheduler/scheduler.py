@@ -243,9 +243,8 @@ class GlobalScheduler:
         rank = d.rank
         cached = m.per_rank.get(rank, 0)
         new_tokens = n - cached
-        in_flight = self._in_flight[rank] + 1
         estimate = self.cost.prefill_s(new_tokens, cached) + self.cost.decode_s(
-            max(1, round(max_tokens * self._out_ratio)), max(in_flight, self._running[rank] + 1)
+            max(1, round(max_tokens * self._out_ratio))
         )
         if n:
             self.tree.record_hit(m, now)
@@ -253,7 +252,7 @@ class GlobalScheduler:
         self.loads.add(request_id, rank, estimate, n, cached)
         blocks = -(-n // self._block_size[rank])
         self._requests[request_id] = _Request(rank, now, n, new_tokens, blocks, max_tokens)
-        self._in_flight[rank] = in_flight
+        self._in_flight[rank] += 1
         self._active_prefill[rank] += new_tokens
         self._active_blocks[rank] += blocks
         self.decisions[d.kind.value] += 1
@@ -310,11 +309,7 @@ class GlobalScheduler:
             if msg.prefill_s > 0
             else self.cost.prefill_s(new_tokens, msg.cached_tokens)
         )
-        decode = (
-            decoded * msg.decode_s_per_token / batch
-            if msg.decode_s_per_token > 0
-            else self.cost.decode_s(decoded, batch)
-        )
+        decode = self.cost.decode_s(decoded)
         self.loads.finish(msg.request_id, prefill + decode, msg.prompt_tokens, msg.cached_tokens)
         if req.max_tokens > 0 and msg.finish_reason != "abort":
             lam = self.config.cost_fit_forgetting

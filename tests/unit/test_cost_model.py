@@ -79,12 +79,13 @@ def test_prefill_formula():
     assert c.recompute_s(100, 1000) == pytest.approx(0.01 + 1e-8 * 100 * 1050)
 
 
-def test_decode_formula_is_a_share_of_the_step():
+def test_decode_step_and_marginal_cost():
     c = CostModel(profile(), online_fit=False)
     assert c.step_s(1) == pytest.approx(0.021)
+    assert c.step_s(0) == c.step_s(1)
     assert c.step_s(10) == pytest.approx(0.03)
-    assert c.decode_s(100, 10) == pytest.approx(100 * 0.03 / 10)
-    assert c.decode_s(100, 0) == c.decode_s(100, 1)
+    # One more sequence in the batch adds step_per_seq to every step it is in.
+    assert c.decode_s(100) == pytest.approx(100 * 0.001)
 
 
 def test_online_fit_converges_to_measured_timings():

@@ -1,0 +1,200 @@
+"""E2 branches and every baseline, on hand-built inputs with exact expectations."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from sched_helpers import make_input
+
+from preble_hpc.config import ConfigError, SchedulerConfig
+from preble_hpc.rank0_scheduler.policy import (
+    POLICY_NAMES,
+    DecisionKind,
+    DynamoKv,
+    LlmdScorer,
+    SglangCacheAware,
+    check_policy_name,
+    e2,
+    make_policy,
+)
+
+CFG = SchedulerConfig()
+
+
+# ---------------------------------------------------------------------- registry
+
+
+def test_policy_names_are_the_contract():
+    assert POLICY_NAMES == (
+        "e2",
+        "round_robin",
+        "least_load",
+        "prefix_affinity",
+        "sglang_cache_aware",
+        "dynamo_kv",
+        "llmd_scorer",
+    )
+    for name in POLICY_NAMES:
+        assert make_policy(name, CFG, random.Random(0)).name == name
+
+
+def test_unknown_policy_is_rejected_with_the_valid_names():
+    with pytest.raises(ConfigError) as err:
+        check_policy_name("e3")
+    assert "'e3'" in str(err.value)
+    for name in POLICY_NAMES:
+        assert name in str(err.value)
+    with pytest.raises(ConfigError):
+        make_policy("random", CFG, random.Random(0))
+
+
+def test_decision_kind_values():
+    assert [k.value for k in DecisionKind] == [
+        "exploit",
+        "explore",
+        "replicate",
+        "rebalance",
+        "baseline",
+    ]
+
+
+# ---------------------------------------------------------------------- E2
+
+
+def test_e2_exploits_the_cheapest_holder_when_cached_exceeds_missing():
+    inp = make_input(cached={1: 600, 2: 600, 3: 100}, load={1: 5.0, 2: 1.0, 3: 0.0})
+    d = e2(inp, CFG)
+    assert (d.rank, d.kind, d.cached_tokens) == (2, DecisionKind.EXPLOIT, 600)
+    assert "cached 600 > missing 400" in d.reason
+
+
+def test_e2_exploit_counts_eviction_cost_among_holders():
+    inp = make_input(cached={1: 900, 2: 900}, load={1: 1.0, 2: 0.5}, evict={2: 1.0})
+    assert e2(inp, CFG).rank == 1  # 1.0 + 0 + 0.1 < 0.5 + 1.0 + 0.1
+
+
+def test_e2_explores_when_cached_equals_missing():
+    # 500 cached on rank 1 = 500 missing: explore; rank 1 still wins on P (0.5 s vs 1.0 s).
+    inp = make_input(cached={1: 500}, load={1: 0.0, 2: 0.0, 3: 0.0})
+    d = e2(inp, CFG)
+    assert (d.rank, d.kind, d.cached_tokens) == (1, DecisionKind.EXPLORE, 500)
+
+
+def test_e2_explore_minimises_load_plus_eviction_plus_prefill():
+    # L+M+P: rank1 = 0.2 + 0 + 0.7 = 0.9; rank2 = 0 + 0.5 + 1.0 = 1.5; rank3 = 0.1 + 0 + 1.0 = 1.1
+    inp = make_input(cached={1: 300}, load={1: 0.2, 2: 0.0, 3: 0.1}, evict={2: 0.5})
+    d = e2(inp, CFG)
+    assert (d.rank, d.kind) == (1, DecisionKind.EXPLORE)
+    assert "min L+M+P=0.9000s" in d.reason
+
+
+def test_e2_explore_new_request_term_prefers_the_rank_missing_fewer_tokens():
+    # Without P (Preble's code) all three cost the same load; P sends it where 400 are cached.
+    inp = make_input(cached={3: 400}, load={1: 0.3, 2: 0.3, 3: 0.3})
+    assert e2(inp, CFG).rank == 3
+
+
+def test_e2_decode_heavy_rank_takes_the_prefill_heavy_prompt():
+    inp = make_input(load={1: 0.0, 2: 0.2, 3: 0.5}, hit_ratio={2: 0.8, 3: 0.9})
+    d = e2(inp, CFG)  # best is rank 1 (1.0 s); rank 2 costs 1.2 s <= 1.5 x 1.0
+    assert (d.rank, d.kind) == (2, DecisionKind.EXPLORE)
+    assert "decode-heavy" in d.reason
+
+
+def test_e2_decode_heavy_rank_too_expensive_is_skipped():
+    inp = make_input(load={1: 0.0, 2: 0.6, 3: 0.0}, hit_ratio={2: 0.8})
+    assert e2(inp, CFG).rank == 1  # rank 2 costs 1.6 s > 1.5 x 1.0 s
+
+
+def test_e2_ties_go_to_fewest_in_flight_then_lowest_rank():
+    inp = make_input(in_flight={1: 3, 2: 1, 3: 1})
+    assert e2(inp, CFG).rank == 2
+
+
+# ---------------------------------------------------------------------- baselines
+
+
+def decide(name, inp, rng=None):
+    return make_policy(name, CFG, rng or random.Random(0)).decide(inp)
+
+
+def test_round_robin_cycles_over_live_ranks():
+    pol = make_policy("round_robin", CFG, random.Random(0))
+    inp = make_input(ranks=(2, 5, 7))
+    assert [pol.decide(inp).rank for _ in range(4)] == [2, 5, 7, 2]
+    d = pol.decide(make_input(ranks=(2, 5, 7), cached={5: 10}))
+    assert (d.rank, d.kind, d.cached_tokens) == (5, DecisionKind.BASELINE, 10)
+
+
+def test_least_load_ignores_the_cache():
+    inp = make_input(cached={1: 999}, load={1: 2.0, 2: 1.0, 3: 1.5})
+    assert decide("least_load", inp).rank == 2
+
+
+def test_prefix_affinity_always_exploits():
+    inp = make_input(cached={1: 10, 3: 20}, load={1: 0.0, 2: 0.0, 3: 9.0})
+    assert decide("prefix_affinity", inp).rank == 3  # longest, however loaded
+    assert decide("prefix_affinity", make_input(load={1: 1.0, 2: 0.5, 3: 1.0})).rank == 2
+
+
+def test_sglang_imbalanced_goes_to_shortest_queue():
+    # max - min = 70 > 64 and 80 > 10 * 1.5: imbalanced.
+    inp = make_input(cached={1: 900}, in_flight={1: 80, 2: 10, 3: 30})
+    d = SglangCacheAware().decide(inp)
+    assert d.rank == 2 and "imbalanced" in d.reason
+
+
+def test_sglang_needs_both_thresholds_to_call_it_imbalanced():
+    # max - min = 70 > 64 but 80 <= 60 * 1.5: balanced, so cache affinity decides.
+    inp = make_input(cached={1: 900}, in_flight={1: 80, 2: 60, 3: 60})
+    assert SglangCacheAware().decide(inp).rank == 1
+
+
+def test_sglang_match_rate_threshold_then_smallest_tree():
+    inp = make_input(cached={3: 301}, tree_tokens={1: 50, 2: 10, 3: 99})
+    assert SglangCacheAware().decide(inp).rank == 3  # 0.301 > 0.3
+    inp = make_input(cached={3: 300}, tree_tokens={1: 50, 2: 10, 3: 99})
+    d = SglangCacheAware().decide(inp)
+    assert d.rank == 2 and "smallest tree" in d.reason  # 0.3 is not > 0.3
+
+
+def test_dynamo_logit_is_weighted_prefill_blocks_plus_decode_blocks():
+    # 160-token prompt, 16-token blocks (10 blocks).
+    # rank1: 128 cached, 100 active prefill tokens, 50 active blocks:
+    #   prefill = (32 + 100) / 16 = 8.25; decode = (10 - 8) + 50 = 52 -> 60.25
+    # rank2: nothing cached, idle: prefill = 10, decode = 10 -> 20
+    # rank3: 160 cached, 300 active prefill tokens, 5 active blocks:
+    #   prefill = 300 / 16 = 18.75; decode = 0 + 5 = 5 -> 23.75
+    inp = make_input(
+        prompt=160,
+        cached={1: 128, 3: 160},
+        active_prefill_tokens={1: 100, 2: 0, 3: 300},
+        active_blocks={1: 50, 2: 0, 3: 5},
+    )
+    d = DynamoKv().decide(inp)
+    assert d.rank == 2 and "20.00" in d.reason
+    d = DynamoKv(overlap_score_weight=0.0).decide(inp)  # pure load: decode blocks only
+    assert d.rank == 3 and "5.00" in d.reason
+
+
+def test_llmd_weighted_scorers():
+    # 160-token prompt = 10 blocks. rank1: 10/10 cached, kv 0.9, waiting 4 (the max) ->
+    # 3*1 + 2*0.1 + 2*0 = 3.2; rank2: 0 cached, kv 0, waiting 0 (min) -> 0 + 2 + 2 = 4.0;
+    # rank3: 5 blocks cached, kv 0.5, waiting 2 -> 1.5 + 1.0 + 1.0 = 3.5
+    inp = make_input(
+        prompt=160,
+        cached={1: 160, 3: 80},
+        kv_usage={1: 0.9, 2: 0.0, 3: 0.5},
+        waiting={1: 4, 2: 0, 3: 2},
+    )
+    d = LlmdScorer(rng=random.Random(0)).decide(inp)
+    assert d.rank == 2 and "4.000" in d.reason
+    # Equal waiting everywhere: queue scores are all 1; rank1 now wins on prefix.
+    inp = make_input(prompt=160, cached={1: 160}, kv_usage={1: 0.5, 2: 0.0, 3: 0.0})
+    assert LlmdScorer(rng=random.Random(0)).decide(inp).rank == 1
+
+
+def test_llmd_ties_are_broken_at_random():
+    seen = {LlmdScorer(rng=random.Random(seed)).decide(make_input()).rank for seed in range(40)}
+    assert seen == {1, 2, 3}
