@@ -104,6 +104,12 @@ _RUNTIME_FLAGS = (
     _Flag("--max-inflight", "max_inflight", "requests in flight across all workers", int),
     _Flag("--stats-interval-s", "stats_interval_s", "how often workers report load", float),
     _Flag("--idle-sleep-s", "idle_sleep_s", "longest sleep of an idle poll loop", float),
+    _Flag(
+        "--worker-silence-timeout-s",
+        "worker_silence_timeout_s",
+        "a busy worker silent this long is treated as failed",
+        float,
+    ),
 )
 _GROUPS: tuple[tuple[str, type, tuple[_Flag, ...]], ...] = (
     ("engine (vLLM on every worker rank)", EngineConfig, _ENGINE_FLAGS),

@@ -160,7 +160,11 @@ class RuntimeConfig:
     """How often each worker sends ``LoadStats``."""
     idle_sleep_s: float = 0.001
     """Longest sleep of an idle poll loop (an MPI rank blocked in recv spins a whole core)."""
+    worker_silence_timeout_s: float = 600.0
+    """A worker that holds requests and sends nothing (not even ``LoadStats``) for this long is
+    treated as failed: its requests are re-routed, and rank 0 never waits on it forever."""
 
     def __post_init__(self) -> None:
-        _positive(self, "max_inflight", "stats_interval_s", "idle_sleep_s")
-
+        _positive(
+            self, "max_inflight", "stats_interval_s", "idle_sleep_s", "worker_silence_timeout_s"
+        )

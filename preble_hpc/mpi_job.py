@@ -31,6 +31,7 @@ log = logging.getLogger("preble_hpc.job")
 #: Exit codes of rank 0 (the job's): usage/config errors, and a job that could not run.
 EXIT_USAGE = 2
 EXIT_JOB_FAILED = 3
+EXIT_INTERRUPTED = 130
 
 Rank0Main = Callable[[Rank0Runtime, threading.Event], int]
 
@@ -91,14 +92,16 @@ def _run_rank0(
         return _stop_workers_or_abort(transport, job, EXIT_USAGE)
     runtime = Rank0Runtime(transport, scheduler, job.runtime)
     try:
-        runtime.wait_ready(job.startup_timeout_s)
+        runtime.wait_ready(job.startup_timeout_s, stop=stop)
     except StartupError as exc:
         print(f"preble-hpc {command}: error: {exc}", file=sys.stderr)
-        return _shutdown(runtime, transport, job, EXIT_JOB_FAILED)
+        code = EXIT_INTERRUPTED if stop.is_set() else EXIT_JOB_FAILED
+        return _shutdown(runtime, transport, job, code)
     try:
         code = rank0_main(runtime, stop)
-    except Exception:
+    except Exception as exc:
         log.exception("rank 0 failed")
+        print(f"preble-hpc {command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 1
     return _shutdown(runtime, transport, job, code)
 

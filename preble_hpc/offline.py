@@ -42,14 +42,13 @@ import numpy as np
 from preble_hpc.cli_args import add_job_args, job_config_from_args
 from preble_hpc.config import ConfigError
 from preble_hpc.messages import SAMPLING_FIELDS, SamplingSpec
-from preble_hpc.mpi_job import EXIT_JOB_FAILED, EXIT_USAGE, run_job
+from preble_hpc.mpi_job import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_USAGE, run_job
 
 log = logging.getLogger("preble_hpc.batch")
 
-#: Exit codes: some input lines were bad or some requests failed / the job was interrupted
-#: (rerun to resume) / see mpi_job for 2 (usage) and 3 (job failed).
+#: Exit code when some input lines were bad or some requests failed; mpi_job has the others:
+#: 2 usage, 3 a worker failed, 130 interrupted (SIGTERM/SIGINT: rerun to resume).
 EXIT_PARTIAL = 1
-EXIT_INTERRUPTED = 130
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _LINE_KEYS = ("id", "prompt", "messages", "sampling", "metadata", *SAMPLING_FIELDS)

@@ -154,6 +154,8 @@ class Rank0Runtime:
         self._ready: dict[int, WorkerReady] = {}
         self._dead: dict[int, str] = {}  # rank -> why
         self._stopped: set[int] = set()
+        self._last_heard: dict[int, float] = {}
+        self._next_silence_check = 0.0
         self._live: dict[str, _Live] = {}
         self._by_rank: dict[int, set[str]] = {r: set() for r in self._worker_ranks}
         self._deadlines: list[tuple[float, int, str]] = []
@@ -236,10 +238,12 @@ class Rank0Runtime:
         """Ranks that failed, with the reason each reported."""
         return dict(self._dead)
 
-    def wait_ready(self, timeout_s: float) -> dict[int, WorkerReady]:
+    def wait_ready(
+        self, timeout_s: float, stop: threading.Event | None = None
+    ) -> dict[int, WorkerReady]:
         """Startup handshake: wait for ``WorkerReady`` from every worker rank. Raises
-        ``StartupError`` naming the rank and its traceback if one fails, or the missing ranks
-        on timeout."""
+        ``StartupError`` naming the rank and its traceback if one fails, the missing ranks on
+        timeout, or that ``stop`` was set meanwhile."""
         if not self._worker_ranks:
             raise StartupError("no worker ranks: launch N+1 MPI ranks (rank 0 schedules)")
         deadline = self._clock() + timeout_s
@@ -249,6 +253,8 @@ class Rank0Runtime:
             if self._dead:
                 rank, why = next(iter(self._dead.items()))
                 raise StartupError(f"worker rank {rank} failed to start: {why}")
+            if stop is not None and stop.is_set():
+                raise StartupError("interrupted while the engines were starting")
             if self._clock() > deadline:
                 missing = [r for r in self._worker_ranks if r not in self._ready]
                 raise StartupError(
@@ -271,6 +277,7 @@ class Rank0Runtime:
         for source, msg in self._transport.poll(wait):
             self._dispatch(source, msg)
         self._expire_deadlines()
+        self._check_silent_workers()
         self._transport.flush()
 
     def shutdown(self, drain: bool, timeout_s: float = 60.0) -> bool:
@@ -297,8 +304,9 @@ class Rank0Runtime:
             self._expire_deadlines()
             self._transport.flush()
         if self._running_ranks():
-            log.error("worker rank(s) %s did not stop within %.0f s", self._running_ranks(),
-                      timeout_s)
+            log.error(
+                "worker rank(s) %s did not stop within %.0f s", self._running_ranks(), timeout_s
+            )
             return False
         return True
 
@@ -432,6 +440,8 @@ class Rank0Runtime:
             )
             return
         live.rank, live.decision = decision.rank, decision
+        if not self._by_rank[decision.rank]:  # silence counts from when a rank gets work
+            self._last_heard[decision.rank] = self._clock()
         self._by_rank[decision.rank].add(rid)
         self._per_rank[decision.rank].submitted += 1
         self._transport.send(
@@ -462,9 +472,31 @@ class Rank0Runtime:
                     f"the deadline passed after {now - live.arrival:.3f} s",
                 )
 
+    def _check_silent_workers(self) -> None:
+        """A worker stuck inside its engine sends nothing, not even LoadStats: after
+        ``worker_silence_timeout_s`` with requests on it, fail it like one that raised."""
+        now = self._clock()
+        if now < self._next_silence_check:
+            return
+        self._next_silence_check = now + 1.0
+        limit = self._config.worker_silence_timeout_s
+        for rank in self.live_ranks:
+            silent_s = now - self._last_heard.get(rank, now)
+            if self._by_rank[rank] and silent_s > limit:
+                self._on_worker_failed(
+                    rank,
+                    WorkerFailed(
+                        rank,
+                        f"no message for {silent_s:.0f} s while holding "
+                        f"{len(self._by_rank[rank])} request(s) (worker_silence_timeout_s="
+                        f"{limit:g}); treated as failed",
+                    ),
+                )
+
     # ------------------------------------------------------------------ messages
 
     def _dispatch(self, source: int, msg: object) -> None:
+        self._last_heard[source] = self._clock()
         handler = self._handlers.get(type(msg))
         if handler is None:
             log.warning("rank %d sent an unknown message %r; ignored", source, type(msg).__name__)

@@ -34,6 +34,8 @@ class FakeBehaviour:
 
     fail_start_ranks: set[int] = field(default_factory=set)
     fail_step_ranks: set[int] = field(default_factory=set)  # raise on the first busy step
+    hang_ranks: set[int] = field(default_factory=set)  # block in a busy step until released
+    release: threading.Event = field(default_factory=threading.Event)
     step_delay_s: float = 0.0
     max_model_len: dict[int, int] = field(default_factory=dict)
     submits: list[tuple[int, str]] = field(default_factory=list)
@@ -94,6 +96,8 @@ class FakeWorker:
             return out
         if self.rank in self.b.fail_step_ranks:
             raise RuntimeError(f"fake engine on rank {self.rank} crashed")
+        if self.rank in self.b.hang_ranks:
+            self.b.release.wait()
         if self.b.step_delay_s:
             time.sleep(self.b.step_delay_s)
         for rid, (msg, produced) in list(self.reqs.items()):
@@ -136,6 +140,7 @@ class FakeCluster:
         max_inflight: int = 64,
         behaviour: FakeBehaviour | None = None,
         start_workers: bool = True,
+        silence_timeout_s: float = 600.0,
     ) -> None:
         self.behaviour = behaviour or FakeBehaviour()
         self.transports = InProcessTransport.create(n + 1)
@@ -149,7 +154,11 @@ class FakeCluster:
         self.rt = Rank0Runtime(
             self.transports[0],
             self.scheduler,
-            RuntimeConfig(max_inflight=max_inflight, stats_interval_s=0.05),
+            RuntimeConfig(
+                max_inflight=max_inflight,
+                stats_interval_s=0.05,
+                worker_silence_timeout_s=silence_timeout_s,
+            ),
             clock=self.clock,
         )
         self.exit_codes: dict[int, int] = {}

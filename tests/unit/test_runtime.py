@@ -245,6 +245,24 @@ def test_a_streamed_request_on_a_failed_worker_fails_with_unavailable():
         c.close()
 
 
+def test_a_silent_busy_worker_is_treated_as_failed_and_rank0_does_not_hang():
+    behaviour = FakeBehaviour(hang_ranks={2})
+    c = FakeCluster(2, behaviour=behaviour, silence_timeout_s=0.3)
+    try:
+        c.rt.wait_ready(5)
+        sink = Collector()
+        for i in range(4):
+            c.rt.submit(req(f"h{i}"), sink, stream=False)
+        c.drive(lambda: len(sink.finals) == 4)
+        assert all(f.ok and f.rank == 1 for f in sink.finals.values())
+        assert "no message for" in c.rt.failed_ranks[2]
+        assert not c.rt.shutdown(drain=False, timeout_s=0.3)  # the stuck rank never confirms
+    finally:
+        behaviour.release.set()
+        for t in c.threads:
+            t.join(5)
+
+
 def test_startup_failure_is_a_clear_error_and_workers_still_stop():
     c = FakeCluster(2, behaviour=FakeBehaviour(fail_start_ranks={2}))
     with pytest.raises(StartupError, match=r"worker rank 2 failed to start: .*refuses to start"):
@@ -253,6 +271,14 @@ def test_startup_failure_is_a_clear_error_and_workers_still_stop():
     for t in c.threads:
         t.join(5)
     assert c.exit_codes == {1: 0, 2: 0}
+
+
+def test_stop_during_startup_interrupts_the_handshake():
+    c = FakeCluster(2, start_workers=False)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(StartupError, match="interrupted"):
+        c.rt.wait_ready(60, stop=stop)
 
 
 def test_startup_timeout_names_the_missing_ranks():
