@@ -244,6 +244,19 @@ def repair_output(path: Path) -> int:
         return size - pos
 
 
+_ID_PREFIX = '{"id": '
+_decoder = json.JSONDecoder()
+
+
+def _line_id(line: str) -> str:
+    """The id of an output line; lines we wrote start with it, so only the id is decoded."""
+    if line.startswith(_ID_PREFIX):
+        value, end = _decoder.raw_decode(line, len(_ID_PREFIX))
+        if isinstance(value, str) and line[end] in ",}":
+            return value
+    return str(json.loads(line)["id"])
+
+
 def done_ids(path: Path) -> tuple[IdSet, int]:
     """Ids already in an output file, and how many of its lines were unreadable."""
     ids, bad = IdSet(), 0
@@ -252,8 +265,8 @@ def done_ids(path: Path) -> tuple[IdSet, int]:
     with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
-                ids.add(str(json.loads(line)["id"]))
-            except (ValueError, KeyError, TypeError):
+                ids.add(_line_id(line))
+            except (ValueError, KeyError, TypeError, IndexError):
                 bad += 1
     return ids, bad
 

@@ -166,6 +166,13 @@ def test_done_ids_reads_result_and_error_lines(tmp_path):
     )
     ids, unreadable = done_ids(out)
     assert "a" in ids and "b" in ids and len(ids) == 2 and unreadable == 1
+    other = write(
+        tmp_path / "other.jsonl",
+        ['{"text": "x", "id": 5}', '{"id": "q\\"1", "x": 1}', '{"id": 7}', '{"id": "open'],
+    )
+    ids, unreadable = done_ids(other)
+    assert all(i in ids for i in ("5", 'q"1', "7")) and len(ids) == 3
+    assert unreadable == 1
 
 
 # ---------------------------------------------------------------------------- tokenization
