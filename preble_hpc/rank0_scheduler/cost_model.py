@@ -17,7 +17,7 @@ The load window therefore adds up prefill time plus marginal decode time.
 
 Coefficients come from a profile file (``preble_hpc/profiles/NAME.json``, each naming its published
 source) and, with ``online_fit``, are re-fitted from the timings workers report in ``Finished`` by
-recursive least squares with exponential forgetting, so the model follows the real model/GPU/engine
+least squares with exponential forgetting, so the model follows the real model/GPU/engine
 instead of one hard-coded pair.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from preble_hpc.config import ConfigError
 
-__all__ = ["Profile", "CostModel", "RecursiveLeastSquares", "load_profile", "profile_names"]
+__all__ = ["Profile", "CostModel", "ForgettingLeastSquares", "load_profile", "profile_names"]
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -114,44 +114,74 @@ def load_profile(name_or_path: str) -> Profile:
     return Profile.from_dict(data, str(path))
 
 
-class RecursiveLeastSquares:
-    """Linear model ``y = theta . x`` fitted online, with forgetting factor ``lam`` (< 1 forgets
-    old samples geometrically) and a relative measurement noise ``rel_noise``.
+class ForgettingLeastSquares:
+    """Linear model ``y = theta . x`` fitted online by exponentially weighted least squares:
+    each sample multiplies the weight of everything before it by ``lam`` (< 1 forgets old samples
+    geometrically; this is recursive least squares with forgetting, kept as its normal equations).
 
     The prior is the profile: ``theta`` starts at its coefficients with a prior standard deviation
-    equal to each coefficient itself, so a few consistent samples move it and one outlier does not.
+    equal to each coefficient, so a few consistent samples move it and one outlier does not.
+    Samples are weighted by a relative noise ``rel_noise`` (timings scatter in proportion to their
+    size). The 2x2 / 3x3 system is re-solved every ``refit_every`` samples (accumulating a sample
+    is a few multiplications; solving costs more, and one sample moves the fit little).
     Coefficients stay >= 0 (a negative time per token is never physical).
     """
 
-    def __init__(self, theta: list[float], lam: float, rel_noise: float) -> None:
-        self.theta = list(theta)
+    def __init__(self, theta: list[float], lam: float, rel_noise: float, refit_every: int) -> None:
         k = len(theta)
-        self.p = [[(theta[i] ** 2 if i == j else 0.0) for j in range(k)] for i in range(k)]
-        for i in range(k):
-            if self.p[i][i] == 0.0:
-                # A zero prior coefficient still needs room to grow: use the largest prior variance.
-                self.p[i][i] = max(t * t for t in theta) or 1.0
+        widest = max(t * t for t in theta) or 1.0
+        # A zero prior coefficient still needs room to grow: give it the widest prior variance.
+        info = [1.0 / (t * t) if t else 1.0 / widest for t in theta]
+        self.a = [[info[i] if i == j else 0.0 for j in range(k)] for i in range(k)]
+        self.b = [info[i] * theta[i] for i in range(k)]
+        self.theta = list(theta)
         self.lam = lam
         self.rel_noise = rel_noise
+        self.refit_every = refit_every
         self.samples = 0
+        self._pending = 0
 
     def predict(self, x: list[float]) -> float:
         return sum(t * v for t, v in zip(self.theta, x, strict=True))
 
-    def update(self, x: list[float], y: float) -> None:
-        k = len(x)
-        p = self.p
-        px = [sum(p[i][j] * x[j] for j in range(k)) for i in range(k)]
-        noise = (self.rel_noise * max(y, self.predict(x))) ** 2 or 1e-12
-        denom = self.lam * noise + sum(x[i] * px[i] for i in range(k))
-        if denom <= 0.0:
-            return
-        gain = [v / denom for v in px]
-        err = y - self.predict(x)
-        self.theta = [max(0.0, t + g * err) for t, g in zip(self.theta, gain, strict=True)]
+    def update(self, x: list[float], y: float) -> bool:
+        """Add one sample; returns True when the coefficients were re-solved."""
+        noise = self.rel_noise * max(y, self.predict(x))
+        w = 1.0 / (noise * noise) if noise > 0.0 else 0.0
         lam = self.lam
-        self.p = [[(p[i][j] - gain[i] * px[j]) / lam for j in range(k)] for i in range(k)]
+        a, b = self.a, self.b
+        for i, xi in enumerate(x):
+            wxi = w * xi
+            row = a[i]
+            for j, xj in enumerate(x):
+                row[j] = lam * row[j] + wxi * xj
+            b[i] = lam * b[i] + wxi * y
         self.samples += 1
+        self._pending += 1
+        if self._pending >= self.refit_every:
+            self.solve()
+            return True
+        return False
+
+    def solve(self) -> None:
+        """Gaussian elimination with partial pivoting on copies of the normal equations."""
+        self._pending = 0
+        k = len(self.b)
+        m = [row[:] + [self.b[i]] for i, row in enumerate(self.a)]
+        for col in range(k):
+            piv = max(range(col, k), key=lambda r: abs(m[r][col]))
+            if m[piv][col] == 0.0:
+                return  # singular: keep the current coefficients
+            m[col], m[piv] = m[piv], m[col]
+            for r in range(col + 1, k):
+                f = m[r][col] / m[col][col]
+                if f:
+                    m[r] = [v - f * u for v, u in zip(m[r], m[col], strict=True)]
+        sol = [0.0] * k
+        for r in range(k - 1, -1, -1):
+            acc = m[r][k] - sum(m[r][c] * sol[c] for c in range(r + 1, k))
+            sol[r] = acc / m[r][r]
+        self.theta = [v if v > 0.0 else 0.0 for v in sol]
 
 
 class CostModel:
@@ -164,10 +194,11 @@ class CostModel:
         online_fit: bool = True,
         forgetting: float = 0.995,
         rel_noise: float = 0.2,
+        refit_every: int = 8,
     ) -> None:
         self.profile = profile
         self.online_fit = online_fit
-        self._prefill = RecursiveLeastSquares(
+        self._prefill = ForgettingLeastSquares(
             [
                 profile.prefill_base_s,
                 profile.prefill_per_token_s * _TOKENS_UNIT,
@@ -175,9 +206,13 @@ class CostModel:
             ],
             forgetting,
             rel_noise,
+            refit_every,
         )
-        self._decode = RecursiveLeastSquares(
-            [profile.decode_step_base_s, profile.decode_step_per_seq_s], forgetting, rel_noise
+        self._decode = ForgettingLeastSquares(
+            [profile.decode_step_base_s, profile.decode_step_per_seq_s],
+            forgetting,
+            rel_noise,
+            refit_every,
         )
         self._refresh()
 
@@ -233,15 +268,15 @@ class CostModel:
             return
         n = float(new_tokens)
         x = [1.0, n / _TOKENS_UNIT, n * (cached_tokens + n * 0.5) / _PAIRS_UNIT]
-        self._prefill.update(x, seconds)
-        self._refresh()
+        if self._prefill.update(x, seconds):
+            self._refresh()
 
     def observe_decode(self, batch: int, seconds_per_token: float) -> None:
         """A measured TPOT (``Finished.decode_s_per_token``) at about ``batch`` sequences."""
         if not self.online_fit or not seconds_per_token > 0 or not math.isfinite(seconds_per_token):
             return
-        self._decode.update([1.0, float(max(batch, 1))], seconds_per_token)
-        self._refresh()
+        if self._decode.update([1.0, float(max(batch, 1))], seconds_per_token):
+            self._refresh()
 
     def coefficients(self) -> dict[str, float]:
         """Current coefficients (for stats and tests)."""

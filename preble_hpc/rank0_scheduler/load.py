@@ -1,22 +1,26 @@
 """Per-rank load over the sliding window H, on an injected clock.
 
-A rank's load ``L`` is the GPU time (prefill + decode share, from the cost model) of the requests
-it received in the last H seconds. A request enters the window with its estimate when it is
-scheduled; its ``Finished`` timings replace the estimate; it leaves the window H seconds after it
-arrived. The same window gives each rank's own cache-hit ratio (cached / prompt tokens of its
+A rank's load ``L`` is the GPU time (prefill + marginal decode, from the cost model) of the
+requests it received in the last H seconds. A request enters the window with its estimate when it
+is scheduled; its ``Finished`` timings replace the estimate; it leaves the window H seconds after
+it arrived. The same window gives each rank's own cache-hit ratio (cached / prompt tokens of its
 requests): Preble's code keeps one global miss rate, which cannot tell a rank that keeps hitting
 from one that keeps missing.
 
 TTFT samples (first token time minus schedule time) per rank feed the replication trigger: the
 mean TTFT of the newer half of the window against the older half.
+
+Every per-rank figure is a plain dict kept up to date incrementally (``cost``, ``prompt``,
+``cached``), so a decision reads them without recomputing anything; ``advance(now)`` expires old
+entries, amortised O(1) per request.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-__all__ = ["LoadTracker", "RankWindow"]
+__all__ = ["LoadTracker"]
 
 
 class _Entry:
@@ -31,17 +35,30 @@ class _Entry:
         self.alive = True
 
 
-class RankWindow:
-    """Running sums of one rank's requests in the window."""
+class _TtftHalves:
+    """TTFT samples of one rank split at ``now - H/2``: older half and newer half, with sums."""
 
-    __slots__ = ("entries", "cost", "prompt", "cached", "ttft")
+    __slots__ = ("old", "new", "old_sum", "new_sum")
 
     def __init__(self) -> None:
-        self.entries: deque[_Entry] = deque()
-        self.cost = 0.0
-        self.prompt = 0
-        self.cached = 0
-        self.ttft: deque[tuple[float, float]] = deque()
+        self.old: deque[tuple[float, float]] = deque()
+        self.new: deque[tuple[float, float]] = deque()
+        self.old_sum = 0.0
+        self.new_sum = 0.0
+
+    def advance(self, middle: float, horizon: float) -> None:
+        new, old = self.new, self.old
+        while new and new[0][0] <= middle:
+            sample = new.popleft()
+            self.new_sum -= sample[1]
+            old.append(sample)
+            self.old_sum += sample[1]
+        while old and old[0][0] <= horizon:
+            self.old_sum -= old.popleft()[1]
+        if not new:
+            self.new_sum = 0.0
+        if not old:
+            self.old_sum = 0.0
 
 
 class LoadTracker:
@@ -50,15 +67,32 @@ class LoadTracker:
     def __init__(self, window_s: float, clock: Callable[[], float]) -> None:
         self.window_s = window_s
         self.clock = clock
-        self._ranks: dict[int, RankWindow] = {}
+        #: rank -> GPU seconds of its requests in the window (L).
+        self.cost: dict[int, float] = {}
+        #: rank -> prompt tokens / cached prompt tokens of its requests in the window.
+        self.prompt: dict[int, int] = {}
+        self.cached: dict[int, int] = {}
+        self._count: dict[int, int] = {}
+        self._ttft: dict[int, _TtftHalves] = {}
+        self._entries: deque[_Entry] = deque()
         self._by_request: dict[str, _Entry] = {}
 
     def add_rank(self, rank: int) -> None:
-        self._ranks.setdefault(rank, RankWindow())
+        if rank not in self.cost:
+            self.cost[rank] = 0.0
+            self.prompt[rank] = 0
+            self.cached[rank] = 0
+            self._count[rank] = 0
+            self._ttft[rank] = _TtftHalves()
 
     def remove_rank(self, rank: int) -> None:
-        if self._ranks.pop(rank, None) is not None:
-            self._by_request = {k: e for k, e in self._by_request.items() if e.rank != rank}
+        if self.cost.pop(rank, None) is None:
+            return
+        del self.prompt[rank], self.cached[rank], self._count[rank], self._ttft[rank]
+        for e in self._entries:
+            if e.rank == rank:
+                e.alive = False
+        self._by_request = {k: e for k, e in self._by_request.items() if e.rank != rank}
 
     # ------------------------------------------------------------------ updates
 
@@ -66,14 +100,13 @@ class LoadTracker:
         self, request_id: str, rank: int, cost_s: float, prompt_tokens: int, cached_tokens: int
     ) -> None:
         """A request was placed on ``rank`` with estimated GPU time ``cost_s``."""
-        w = self._ranks.get(rank)
-        if w is None:
-            w = self._ranks[rank] = RankWindow()
+        self.add_rank(rank)
         e = _Entry(self.clock(), rank, cost_s, prompt_tokens, cached_tokens)
-        w.entries.append(e)
-        w.cost += cost_s
-        w.prompt += prompt_tokens
-        w.cached += cached_tokens
+        self._entries.append(e)
+        self.cost[rank] += cost_s
+        self.prompt[rank] += prompt_tokens
+        self.cached[rank] += cached_tokens
+        self._count[rank] += 1
         old = self._by_request.get(request_id)
         if old is not None:
             self._kill(old)
@@ -86,12 +119,10 @@ class LoadTracker:
         e = self._by_request.pop(request_id, None)
         if e is None or not e.alive:
             return
-        w = self._ranks.get(e.rank)
-        if w is None:
-            return
-        w.cost += cost_s - e.cost
-        w.prompt += prompt_tokens - e.prompt
-        w.cached += cached_tokens - e.cached
+        rank = e.rank
+        self.cost[rank] += cost_s - e.cost
+        self.prompt[rank] += prompt_tokens - e.prompt
+        self.cached[rank] += cached_tokens - e.cached
         e.cost, e.prompt, e.cached = cost_s, prompt_tokens, cached_tokens
 
     def drop(self, request_id: str) -> None:
@@ -101,91 +132,76 @@ class LoadTracker:
             self._kill(e)
 
     def record_ttft(self, rank: int, ttft_s: float) -> None:
-        w = self._ranks.get(rank)
-        if w is not None:
-            w.ttft.append((self.clock(), ttft_s))
+        halves = self._ttft.get(rank)
+        if halves is not None:
+            halves.new.append((self.clock(), ttft_s))
+            halves.new_sum += ttft_s
 
     def _kill(self, e: _Entry) -> None:
         if not e.alive:
             return
         e.alive = False
-        w = self._ranks.get(e.rank)
-        if w is not None:
-            w.cost -= e.cost
-            w.prompt -= e.prompt
-            w.cached -= e.cached
+        rank = e.rank
+        if rank not in self.cost:
+            return
+        count = self._count[rank] - 1
+        self._count[rank] = count
+        if count == 0:  # reset, so float drift never accumulates
+            self.cost[rank], self.prompt[rank], self.cached[rank] = 0.0, 0, 0
+        else:
+            self.cost[rank] -= e.cost
+            self.prompt[rank] -= e.prompt
+            self.cached[rank] -= e.cached
 
-    def _expire(self, w: RankWindow, now: float) -> None:
-        horizon = now - self.window_s
-        entries = w.entries
+    def advance(self, now: float | None = None) -> None:
+        """Expire requests that arrived more than H seconds before ``now``."""
+        horizon = (self.clock() if now is None else now) - self.window_s
+        entries = self._entries
         while entries and entries[0].t <= horizon:
-            e = entries.popleft()
-            if e.alive:
-                e.alive = False
-                w.cost -= e.cost
-                w.prompt -= e.prompt
-                w.cached -= e.cached
-        if not entries:
-            # Reset float drift once the window is empty.
-            w.cost, w.prompt, w.cached = 0.0, 0, 0
-        ttft = w.ttft
-        while ttft and ttft[0][0] <= horizon:
-            ttft.popleft()
+            self._kill(entries.popleft())
 
     # ------------------------------------------------------------------ queries
 
     def load(self, rank: int, now: float | None = None) -> float:
         """GPU seconds of ``rank``'s requests in the window (L)."""
-        w = self._ranks.get(rank)
-        if w is None:
-            return 0.0
-        self._expire(w, self.clock() if now is None else now)
-        return w.cost if w.cost > 0.0 else 0.0
+        self.advance(now)
+        cost = self.cost.get(rank, 0.0)
+        return cost if cost > 0.0 else 0.0
 
-    def loads(self, ranks, now: float | None = None) -> dict[int, float]:
-        t = self.clock() if now is None else now
-        return {r: self.load(r, t) for r in ranks}
+    def loads(self, ranks: Iterable[int], now: float | None = None) -> dict[int, float]:
+        self.advance(now)
+        return {r: max(0.0, self.cost.get(r, 0.0)) for r in ranks}
+
+    def hit_ratio_now(self, rank: int) -> float:
+        """Hit ratio as of the last ``advance`` (no expiry; for the hot path)."""
+        prompt = self.prompt.get(rank, 0)
+        return self.cached[rank] / prompt if prompt > 0 else 0.0
 
     def hit_ratio(self, rank: int, now: float | None = None) -> float:
         """Cached / prompt tokens of ``rank``'s requests in the window (0 with no requests)."""
-        w = self._ranks.get(rank)
-        if w is None:
-            return 0.0
-        self._expire(w, self.clock() if now is None else now)
-        return w.cached / w.prompt if w.prompt > 0 else 0.0
+        self.advance(now)
+        return self.hit_ratio_now(rank)
 
     def miss_rate(self, rank: int, now: float | None = None) -> float:
-        """1 - hit ratio of this rank alone (Preble keeps one global miss rate)."""
-        w = self._ranks.get(rank)
-        if w is None or w.prompt <= 0:
+        """1 - hit ratio of this rank alone (1.0 with no requests)."""
+        self.advance(now)
+        if self.prompt.get(rank, 0) <= 0:
             return 1.0
-        return 1.0 - self.hit_ratio(rank, now)
+        return 1.0 - self.hit_ratio_now(rank)
 
     def requests_in_window(self, rank: int, now: float | None = None) -> int:
-        w = self._ranks.get(rank)
-        if w is None:
-            return 0
-        self._expire(w, self.clock() if now is None else now)
-        return sum(1 for e in w.entries if e.alive)
+        self.advance(now)
+        return self._count.get(rank, 0)
 
     def ttft_growth(self, rank: int, min_samples: int, now: float | None = None) -> float:
         """Mean TTFT of the newer half of the window over the older half (1.0 when either half has
         fewer than ``min_samples`` samples, i.e. no evidence of growth)."""
-        w = self._ranks.get(rank)
-        if w is None:
+        halves = self._ttft.get(rank)
+        if halves is None:
             return 1.0
         t = self.clock() if now is None else now
-        self._expire(w, t)
-        middle = t - self.window_s / 2
-        old_sum = new_sum = 0.0
-        old_n = new_n = 0
-        for at, ttft in w.ttft:
-            if at <= middle:
-                old_sum += ttft
-                old_n += 1
-            else:
-                new_sum += ttft
-                new_n += 1
-        if old_n < min_samples or new_n < min_samples or old_sum <= 0.0:
+        halves.advance(t - self.window_s / 2, t - self.window_s)
+        old_n, new_n = len(halves.old), len(halves.new)
+        if old_n < min_samples or new_n < min_samples or halves.old_sum <= 0.0:
             return 1.0
-        return (new_sum / new_n) / (old_sum / old_n)
+        return (halves.new_sum / new_n) / (halves.old_sum / old_n)

@@ -11,8 +11,9 @@ Units: every cost E2 compares is GPU time in seconds (load ``L``, eviction ``M``
 from __future__ import annotations
 
 import enum
+import math
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from preble_hpc.config import ConfigError, SchedulerConfig
@@ -27,6 +28,7 @@ __all__ = [
     "make_policy",
     "e2",
     "explore_cost",
+    "cheapest",
 ]
 
 
@@ -104,13 +106,16 @@ class PolicyInput:
     eviction_cost: Callable[[int], float]
     """M_i: cost of the KV rank i must evict to fit this request."""
 
+    _holders: list[int] | None = field(default=None, init=False, repr=False)
+
     def holders(self) -> list[int]:
-        """Ranks holding the longest cached prefix."""
-        c = self.cached
-        if c <= 0:
-            return []
-        get = self.per_rank_cached.get
-        return [r for r in self.ranks if get(r, 0) == c]
+        """Ranks holding the longest cached prefix, ascending (computed once)."""
+        if self._holders is None:
+            c = self.cached
+            self._holders = (
+                sorted(r for r, n in self.per_rank_cached.items() if n == c) if c > 0 else []
+            )
+        return self._holders
 
 
 class Policy:
@@ -130,14 +135,25 @@ def explore_cost(inp: PolicyInput, rank: int) -> float:
     return inp.load[rank] + inp.eviction_cost(rank) + inp.prefill_cost(rank)
 
 
-def _cheapest(inp: PolicyInput, candidates: Sequence[int]) -> tuple[int, float]:
-    best_rank, best_key = candidates[0], None
+def cheapest(inp: PolicyInput, candidates: Iterable[int]) -> tuple[int | None, float]:
+    """The candidate with the lowest ``L + M + P`` and that cost (ties: fewest in flight, then
+    lowest rank); ``(None, inf)`` for no candidates. ``M`` (the only term that may walk the tree)
+    is computed only for ranks whose ``L + P`` alone does not already lose."""
+    load, evict, prefill, in_flight = inp.load, inp.eviction_cost, inp.prefill_cost, inp.in_flight
+    best: int | None = None
+    best_cost = math.inf
     for r in candidates:
-        key = (explore_cost(inp, r), inp.in_flight.get(r, 0), r)
-        if best_key is None or key < best_key:
-            best_rank, best_key = r, key
-    assert best_key is not None
-    return best_rank, best_key[0]
+        base = load[r] + prefill(r)
+        if base > best_cost:
+            continue
+        c = base + evict(r)
+        if c < best_cost or (
+            c == best_cost
+            and best is not None
+            and (in_flight.get(r, 0), r) < (in_flight.get(best, 0), best)
+        ):
+            best, best_cost = r, c
+    return best, best_cost
 
 
 def e2(inp: PolicyInput, config: SchedulerConfig) -> Decision:
@@ -159,7 +175,8 @@ def e2(inp: PolicyInput, config: SchedulerConfig) -> Decision:
     missing = prompt - cached
     if cached > missing:
         holders = inp.holders()
-        rank, cost = _cheapest(inp, holders)
+        rank, cost = cheapest(inp, holders)
+        assert rank is not None
         return Decision(
             rank,
             DecisionKind.EXPLOIT,
@@ -167,12 +184,13 @@ def e2(inp: PolicyInput, config: SchedulerConfig) -> Decision:
             f"L+M+P={cost:.4f}s",
             cached,
         )
-    rank, cost = _cheapest(inp, inp.ranks)
+    rank, cost = cheapest(inp, inp.ranks)
+    assert rank is not None
     threshold = config.decode_heavy_hit_ratio
     decode_heavy = [r for r in inp.ranks if inp.hit_ratio.get(r, 0.0) >= threshold and r != rank]
     if decode_heavy and inp.hit_ratio.get(rank, 0.0) < threshold:
-        alt, alt_cost = _cheapest(inp, decode_heavy)
-        if alt_cost <= config.rebalance_ratio * cost:
+        alt, alt_cost = cheapest(inp, decode_heavy)
+        if alt is not None and alt_cost <= config.rebalance_ratio * cost:
             return Decision(
                 alt,
                 DecisionKind.EXPLORE,

@@ -22,8 +22,9 @@ prompt at the node's offset, in C, and children are found by a dict keyed by the
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 __all__ = ["Node", "Match", "RadixTree"]
 
@@ -140,6 +141,7 @@ class RadixTree:
         #: Per rank: held nodes, least recently used first (the engine's eviction order).
         self._rank_lru: dict[int, OrderedDict[Node, None]] = {}
         self._held: dict[int, int] = {}
+        self._held_view = MappingProxyType(self._held)
         #: Nodes no rank holds, in the order they became unheld (dropped first past the cap).
         self._unheld: OrderedDict[Node, None] = OrderedDict()
 
@@ -148,6 +150,11 @@ class RadixTree:
     def match(self, tokens: Sequence[int]) -> Match:
         """Longest match of ``tokens`` in the tree and, per rank, the prefix it holds."""
         tokens = _as_list(tokens)
+        path, length, tail = self._walk(tokens)
+        return Match(path, length, tail, *self._per_rank(path, tail))
+
+    def _walk(self, tokens: list[int]) -> tuple[list[Node], int, int]:
+        """Matched path, matched length, tokens matched in the last node."""
         n = len(tokens)
         node = self.root
         path: list[Node] = []
@@ -171,7 +178,7 @@ class RadixTree:
             i += k
             tail = k
             break
-        return Match(path, i, tail, *self._per_rank(path, tail))
+        return path, i, tail
 
     @staticmethod
     def _per_rank(path: list[Node], tail: int) -> tuple[dict[int, int], int]:
@@ -196,6 +203,11 @@ class RadixTree:
     def held_tokens(self, rank: int) -> int:
         """Tokens the tree believes ``rank`` holds."""
         return self._held.get(rank, 0)
+
+    @property
+    def held_by_rank(self) -> Mapping[int, int]:
+        """rank -> tokens held (a live read-only view; ranks holding nothing may be absent)."""
+        return self._held_view
 
     def ranks(self) -> list[int]:
         """Ranks that hold anything."""
@@ -271,20 +283,21 @@ class RadixTree:
         """
         tokens = _as_list(tokens)
         if m is None:
-            m = self.match(tokens)
+            path, length, tail = self._walk(tokens)
+        else:
+            path, length, tail = m.path, m.length, m.tail
         n = len(tokens)
-        path = m.path
-        if path and m.tail < len(path[-1].seg):
+        if path and tail < len(path[-1].seg):
             last = path[-1]
             # Split when the new suffix branches off inside ``last``, or when the rank gains only
             # the upper part of it.
-            if m.length < n or rank not in last.ranks:
-                path[-1] = self._split(last, m.tail)
-        if m.length < n:
+            if length < n or rank not in last.ranks:
+                path[-1] = self._split(last, tail)
+        if length < n:
             parent = path[-1] if path else self.root
-            leaf = Node(tokens[m.length :], parent, n, now)
-            parent.children[tokens[m.length]] = leaf
-            self.total_tokens += n - m.length
+            leaf = Node(tokens[length:], parent, n, now)
+            parent.children[tokens[length]] = leaf
+            self.total_tokens += n - length
             self.num_nodes += 1
             self._unheld[leaf] = None  # held just below; keeps the bookkeeping in one place
             path.append(leaf)

@@ -17,8 +17,8 @@ decision (explore already took the global minimum of ``L + M + P``):
    instead of a replica (while the original costs at most ``rebalance_ratio`` x the replica), so
    the replica copies age out of those engines' caches.
 3. **Rebalance** (paper Sec. 4.3, ``rebalance_ratio``): when the chosen rank's load exceeds the
-   lightest rank's by the ratio, the request moves to the cheapest rank among those lighter by the
-   ratio, if it costs less there even after recomputing the prefix (REBALANCE).
+   lightest rank's by the ratio, the request moves to the lightest rank, if it costs less there
+   even after recomputing the prefix (REBALANCE): load flows from heavy to light, never at a loss.
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from preble_hpc.config import SchedulerConfig
-from preble_hpc.rank0_scheduler.policy import Decision, DecisionKind, PolicyInput, explore_cost
+from preble_hpc.rank0_scheduler.policy import (
+    Decision,
+    DecisionKind,
+    PolicyInput,
+    cheapest,
+    explore_cost,
+)
 from preble_hpc.rank0_scheduler.radix_tree import Match, Node
 
 __all__ = ["Rebalancer", "prefix_node"]
@@ -43,15 +49,6 @@ def prefix_node(m: Match, holders: list[int]) -> Node | None:
     return None
 
 
-def _cheapest(inp: PolicyInput, candidates) -> tuple[int | None, float]:
-    best, best_key = None, None
-    for r in candidates:
-        key = (explore_cost(inp, r), inp.in_flight.get(r, 0), r)
-        if best_key is None or key < best_key:
-            best, best_key = r, key
-    return best, (best_key[0] if best_key else float("inf"))
-
-
 class Rebalancer:
     """Replication, scale-back and rebalancing on top of E2 (see module docstring)."""
 
@@ -64,7 +61,7 @@ class Rebalancer:
         """Whether every holder is overloaded by load or by TTFT growth; and the reason."""
         cfg = self.config
         ranks = inp.ranks
-        mean = sum(inp.load[r] for r in ranks) / len(ranks)
+        mean = sum(map(inp.load.__getitem__, ranks)) / len(ranks)
         if mean > 0.0 and all(inp.load[h] > cfg.replicate_load_ratio * mean for h in holders):
             return True, f"holders' load > {cfg.replicate_load_ratio} x mean {mean:.3f}s"
         if all(ttft_growth(h) >= cfg.replicate_ttft_growth for h in holders):
@@ -86,7 +83,7 @@ class Rebalancer:
         chosen_cost = explore_cost(inp, d.rank)
         if hot:
             held = set(holders)
-            alt, alt_cost = _cheapest(inp, (r for r in inp.ranks if r not in held))
+            alt, alt_cost = cheapest(inp, (r for r in inp.ranks if r not in held))
             by_ttft = why.startswith("holders' TTFT")
             if alt is not None and (by_ttft or alt_cost < chosen_cost):
                 if node is not None:
@@ -102,7 +99,7 @@ class Rebalancer:
                 )
         elif node is not None and node.replicas and d.rank in node.replicas:
             originals = [h for h in holders if h not in node.replicas]
-            rank, cost = _cheapest(inp, originals)
+            rank, cost = cheapest(inp, originals)
             # Concentrate on the originals only while that keeps within the rebalance ratio;
             # beyond it the rebalance rule would move the request right back.
             if rank is not None and cost <= self.config.rebalance_ratio * chosen_cost:
@@ -119,16 +116,17 @@ class Rebalancer:
         ratio = self.config.rebalance_ratio
         load = inp.load
         heavy = load[d.rank]
-        lightest = min(load[r] for r in inp.ranks)
+        light = min(inp.ranks, key=load.__getitem__)
+        lightest = load[light]
         if heavy <= ratio * lightest:
             return d
-        alt, alt_cost = _cheapest(inp, (r for r in inp.ranks if ratio * load[r] < heavy))
-        if alt is None or alt == d.rank or alt_cost >= chosen_cost:
+        alt_cost = explore_cost(inp, light)
+        if alt_cost >= chosen_cost:
             return d
         return Decision(
-            alt,
+            light,
             DecisionKind.REBALANCE,
             f"rank {d.rank} load {heavy:.3f}s > {ratio} x lightest {lightest:.3f}s: move to "
-            f"rank {alt}, L+M+P={alt_cost:.4f}s vs {chosen_cost:.4f}s",
-            inp.per_rank_cached.get(alt, 0),
+            f"rank {light}, L+M+P={alt_cost:.4f}s vs {chosen_cost:.4f}s",
+            inp.per_rank_cached.get(light, 0),
         )

@@ -129,8 +129,7 @@ class GlobalScheduler:
         self.cache_events["not_in_tree"] = 0
         for r in ranks:
             self._add_rank(r)
-        self._load_view = _PerRank(self._load_of, self._live)
-        self._hit_view = _PerRank(self._hit_of, self._live)
+        self._hit_view = _PerRank(self.loads.hit_ratio_now, self._live)
 
     # ------------------------------------------------------------------ ranks
 
@@ -181,31 +180,30 @@ class GlobalScheduler:
 
     # ------------------------------------------------------------------ decisions
 
-    def _load_of(self, rank: int) -> float:
-        return self.loads.load(rank)
-
-    def _hit_of(self, rank: int) -> float:
-        return self.loads.hit_ratio(rank)
-
-    def _eviction_cost(self, rank: int, missing: int, m: Match, now: float) -> float:
-        capacity = self._capacity.get(rank)
-        if capacity is None or missing <= 0:
-            return 0.0
-        need = self.tree.held_tokens(rank) + missing - capacity
-        if need <= 0:
-            return 0.0
-        return self.tree.eviction_cost(rank, need, self.cost.recompute_s, now, keep=m)
-
     def _policy_input(self, n: int, max_tokens: int, m: Match, now: float) -> PolicyInput:
         per_rank = m.per_rank
-        cost = self.cost
+        prefill_s = self.cost.prefill_s
+        by_cached: dict[int, float] = {}  # P depends on the rank only through its cached tokens
+        capacity = self._capacity
+        held = self.tree.held_tokens
+        tree_eviction_cost = self.tree.eviction_cost
+        recompute_s = self.cost.recompute_s
 
         def prefill_cost(rank: int) -> float:
             c = per_rank.get(rank, 0)
-            return cost.prefill_s(n - c, c)
+            p = by_cached.get(c)
+            if p is None:
+                p = by_cached[c] = prefill_s(n - c, c)
+            return p
 
         def eviction_cost(rank: int) -> float:
-            return self._eviction_cost(rank, n - per_rank.get(rank, 0), m, now)
+            cap = capacity.get(rank)
+            if cap is None:
+                return 0.0  # capacity unknown until WorkerReady
+            need = held(rank) + n - per_rank.get(rank, 0) - cap
+            if need <= 0:
+                return 0.0
+            return tree_eviction_cost(rank, need, recompute_s, now, keep=m)
 
         return PolicyInput(
             ranks=self._live,
@@ -213,12 +211,12 @@ class GlobalScheduler:
             max_tokens=max_tokens,
             per_rank_cached=per_rank,
             cached=m.cached,
-            load=self._load_view,
+            load=self.loads.cost,
             in_flight=self._in_flight,
             waiting=self._waiting,
             kv_usage=self._kv_usage,
             hit_ratio=self._hit_view,
-            tree_tokens=self.tree._held,
+            tree_tokens=self.tree.held_by_rank,
             block_size=self._block_size,
             active_prefill_tokens=self._active_prefill,
             active_blocks=self._active_blocks,
@@ -234,6 +232,7 @@ class GlobalScheduler:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
         now = self.clock()
+        self.loads.advance(now)
         n = len(token_ids)
         m = self.tree.match(token_ids)
         inp = self._policy_input(n, max_tokens, m, now)
