@@ -18,9 +18,12 @@ sharing, the way rank 0 sees it live:
 The tree is first filled past ``--warmup-tokens``; then ``--decisions`` requests are timed.
 Columns: ``decisions_per_s`` and ``p50_ms``/``p99_ms`` time ``schedule()`` alone (the decision);
 ``with_reports_per_s`` divides the decisions by all scheduler time spent (schedule, cache reports,
-Finished, first tokens, load stats). ``events_per_decision`` counts cache events; by default an
-engine reports one EVICTED per evicted chain (its topmost block: "that block and everything below
-it"), ``--per-block-events`` sends one per block as a naive KV-event relay would.
+Finished, first tokens, load stats). ``rss_mb`` is the whole process (the emulated engines' caches
+included); ``tree_mb`` estimates the tree alone. Python's cyclic GC runs as usual (``--gc off``
+shows its share: the tree's segments are lists, which every full collection walks).
+``events_per_decision`` counts cache events; by default an engine reports one EVICTED per evicted
+chain (its topmost block: "that block and everything below it"), ``--per-block-events`` sends one
+per block as a naive KV-event relay would.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import argparse
 import gc
 import json
 import random
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -46,6 +50,19 @@ from preble_hpc.rank0_scheduler.scheduler import GlobalScheduler
 
 BLOCK = 16
 VOCAB = 128_000
+
+
+def tree_mb(sched: GlobalScheduler) -> float:
+    """Rough size of the tree itself: nodes, their segments, child dicts, holder sets, plus 28 bytes
+    per token for the int objects the segments keep alive (an upper bound: ints are shared)."""
+    total = 0
+    stack = [sched.tree.root]
+    while stack:
+        node = stack.pop()
+        total += sys.getsizeof(node) + sys.getsizeof(node.seg) + sys.getsizeof(node.children)
+        total += sys.getsizeof(node.ranks) + 28 * len(node.seg)
+        stack.extend(node.children.values())
+    return total / 2**20
 
 
 def rss_mb() -> float:
@@ -242,6 +259,9 @@ def run_row(ranks: int, prompt_tokens: int, args) -> dict:
         "p99_ms": round(lat[min(n - 1, int(n * 0.99))] * 1e3, 4),
         "tree_tokens": sched.tree.total_tokens,
         "rss_mb": round(rss_mb(), 1),
+        "tree_mb": round(tree_mb(sched), 1),
+        "forgotten_tokens": sched.tree.forgotten_tokens,
+        "gc": args.gc,
         "with_reports_per_s": round(n / (total + other), 1),
         "events_per_decision": round(events / n, 2),
         "tree_cap_tokens": args.tree_cap,
@@ -268,9 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="e2")
     p.add_argument("--profile", default="llama3-8b-h100")
     p.add_argument("--per-block-events", action="store_true", help="one EVICTED per block")
+    p.add_argument(
+        "--gc", choices=("on", "off"), default="on", help="off: Python's cyclic GC disabled"
+    )
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     args = p.parse_args(argv)
 
+    if args.gc == "off":
+        gc.disable()
     rows = []
     header = (
         f"{'ranks':>5} {'prompt':>6} {'dec/s':>9} {'p50 ms':>7} {'p99 ms':>7} "

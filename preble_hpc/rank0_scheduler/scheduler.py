@@ -226,13 +226,17 @@ class GlobalScheduler:
 
     def schedule(self, request_id: str, token_ids: Sequence[int], max_tokens: int) -> Decision:
         """Place one request; records it in flight on the chosen rank and marks that rank as
-        holding the prompt. Never copies ``token_ids`` as a whole; O(prompt) work at most."""
+        holding the prompt. O(prompt) work at most; a list of token ids (``Submit``'s type) is
+        never copied as a whole, only compared slice by slice against the tree (another sequence
+        type is turned into a list once, the tree's segment type)."""
         if not self._live:
             raise RuntimeError("no live worker rank to schedule on")
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
         now = self.clock()
         self.loads.advance(now)
+        if type(token_ids) is not list:
+            token_ids = list(token_ids)
         n = len(token_ids)
         m = self.tree.match(token_ids)
         inp = self._policy_input(n, max_tokens, m, now)
@@ -242,7 +246,7 @@ class GlobalScheduler:
         rank = d.rank
         cached = m.per_rank.get(rank, 0)
         new_tokens = n - cached
-        estimate = self.cost.prefill_s(new_tokens, cached) + self.cost.decode_s(
+        estimate = inp.prefill_cost(rank) + self.cost.decode_s(
             max(1, round(max_tokens * self._out_ratio))
         )
         if n:
