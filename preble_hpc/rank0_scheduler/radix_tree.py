@@ -187,17 +187,20 @@ class RadixTree:
             return per_rank, 0
         everyone = len(path[0].ranks)  # holder sets shrink going down: path[0] has all of them
         last = len(path) - 1
+        cached = 0
         for idx in range(last, -1, -1):
-            node = path[idx]
-            if not node.ranks:
+            ranks = path[idx].ranks
+            if not ranks:
                 continue
+            node = path[idx]
             end = node.start + tail if idx == last else node.depth
-            for r in node.ranks:
-                if r not in per_rank:
-                    per_rank[r] = end
+            if not per_rank:
+                per_rank = dict.fromkeys(ranks, end)  # the deepest holders: the longest prefix
+                cached = end
+            elif len(ranks) > len(per_rank):
+                per_rank.update(dict.fromkeys(ranks.difference(per_rank), end))
             if len(per_rank) == everyone:
                 break
-        cached = max(per_rank.values()) if per_rank else 0
         return per_rank, cached
 
     def held_tokens(self, rank: int) -> int:
