@@ -212,7 +212,7 @@ def run_row(ranks: int, prompt_tokens: int, args) -> dict:
     i = 0
 
     def step(timed: bool) -> None:
-        nonlocal i, other, events
+        nonlocal i, events
         i += 1
         clock_t[0] += dt
         prompt = next(work)
