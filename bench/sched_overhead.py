@@ -288,7 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", type=int, default=5, help="throughput = median over chunks")
     p.add_argument("--warmup-tokens", type=int, default=1_200_000, help="fill the tree first")
     p.add_argument("--tree-cap", type=int, default=4_000_000, help="tree_capacity_tokens")
-    p.add_argument("--kv-tokens", type=int, default=400_000, help="each engine's KV cache")
+    p.add_argument(
+        "--kv-tokens",
+        type=int,
+        default=200_000,
+        help="each engine's KV cache (an 8B bf16 engine on an 80 GB GPU holds ~400k; half keeps "
+        "the engines evicting within a run)",
+    )
     p.add_argument("--prefixes", type=int, default=400, help="shared prefixes (Zipf 1.1)")
     p.add_argument("--multi-turn", type=float, default=0.3, help="share of follow-up turns")
     p.add_argument("--in-flight", type=int, default=8, help="requests in flight per rank")
