@@ -36,6 +36,10 @@ test: install $(MODEL)/config.json
 test-fast: install
 	$(BIN)/python -m pytest tests/unit
 
+# Rank-0 scheduling overhead (decisions/s, p50/p99 latency) on one core; see README "Overhead".
+bench-sched: install
+	$(BIN)/python bench/sched_overhead.py --json bench/results/sched_overhead.json
+
 lint: install
 	$(BIN)/ruff check preble_hpc tests bench
 	$(BIN)/mypy
