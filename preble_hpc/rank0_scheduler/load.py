@@ -18,7 +18,7 @@ entries, amortised O(1) per request.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 __all__ = ["LoadTracker"]
 
@@ -167,10 +167,6 @@ class LoadTracker:
         self.advance(now)
         cost = self.cost.get(rank, 0.0)
         return cost if cost > 0.0 else 0.0
-
-    def loads(self, ranks: Iterable[int], now: float | None = None) -> dict[int, float]:
-        self.advance(now)
-        return {r: max(0.0, self.cost.get(r, 0.0)) for r in ranks}
 
     def hit_ratio_now(self, rank: int) -> float:
         """Hit ratio as of the last ``advance`` (no expiry; for the hot path)."""

@@ -83,23 +83,6 @@ class Match:
     cached: int
     """Longest prefix of the prompt held by any rank (``max(per_rank.values())`` or 0)."""
 
-    def holders(self) -> list[int]:
-        """Ranks holding the longest cached prefix, in rank order."""
-        c = self.cached
-        if c == 0:
-            return []
-        return sorted(r for r, n in self.per_rank.items() if n == c)
-
-    def node_at(self, depth: int) -> Node | None:
-        """Deepest path node whose matched part ends at or below ``depth`` (None at the root)."""
-        found = None
-        for node in self.path:
-            if node.start < depth:
-                found = node
-            else:
-                break
-        return found
-
 
 def _as_list(tokens: Sequence[int]) -> list[int]:
     # Segments are lists so that a list slice of the prompt compares with them in C. Prompts arrive
@@ -211,10 +194,6 @@ class RadixTree:
     def held_by_rank(self) -> Mapping[int, int]:
         """rank -> tokens held (a live read-only view; ranks holding nothing may be absent)."""
         return self._held_view
-
-    def ranks(self) -> list[int]:
-        """Ranks that hold anything."""
-        return [r for r, n in self._held.items() if n > 0]
 
     def hits(self, node: Node, now: float) -> float:
         """Requests that matched ``node`` in the last window (sliding-window estimate)."""

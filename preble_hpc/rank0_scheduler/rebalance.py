@@ -55,18 +55,18 @@ class Rebalancer:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
 
-    def is_hot(
+    def hot_trigger(
         self, inp: PolicyInput, holders: list[int], ttft_growth: Callable[[int], float]
-    ) -> tuple[bool, str]:
-        """Whether every holder is overloaded by load or by TTFT growth; and the reason."""
+    ) -> tuple[str, str] | None:
+        """``("load" | "ttft", reason)`` when every holder is overloaded, else None."""
         cfg = self.config
         ranks = inp.ranks
         mean = sum(map(inp.load.__getitem__, ranks)) / len(ranks)
         if mean > 0.0 and all(inp.load[h] > cfg.replicate_load_ratio * mean for h in holders):
-            return True, f"holders' load > {cfg.replicate_load_ratio} x mean {mean:.3f}s"
+            return "load", f"holders' load > {cfg.replicate_load_ratio} x mean {mean:.3f}s"
         if all(ttft_growth(h) >= cfg.replicate_ttft_growth for h in holders):
-            return True, f"holders' TTFT grew >= {cfg.replicate_ttft_growth}x over the window"
-        return False, ""
+            return "ttft", f"holders' TTFT grew >= {cfg.replicate_ttft_growth}x over the window"
+        return None
 
     def adjust(
         self,
@@ -79,13 +79,13 @@ class Rebalancer:
             return d
         holders = inp.holders()
         node = prefix_node(m, holders)
-        hot, why = self.is_hot(inp, holders, ttft_growth)
+        hot = self.hot_trigger(inp, holders, ttft_growth)
         chosen_cost = explore_cost(inp, d.rank)
-        if hot:
+        if hot is not None:
+            trigger, why = hot
             held = set(holders)
             alt, alt_cost = cheapest(inp, (r for r in inp.ranks if r not in held))
-            by_ttft = why.startswith("holders' TTFT")
-            if alt is not None and (by_ttft or alt_cost < chosen_cost):
+            if alt is not None and (trigger == "ttft" or alt_cost < chosen_cost):
                 if node is not None:
                     if node.replicas is None:
                         node.replicas = set()
