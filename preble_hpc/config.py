@@ -168,3 +168,54 @@ class RuntimeConfig:
         _positive(
             self, "max_inflight", "stats_interval_s", "idle_sleep_s", "worker_silence_timeout_s"
         )
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The cluster simulator (``preble_hpc.sim``): simulated engines that are the ground truth the
+    schedulers are graded by. Timing defaults model Llama-3-8B (bf16) under vLLM on one H100 80GB;
+    see ``preble_hpc/sim/engine.py`` for where each figure comes from."""
+
+    gpus: int = 8
+    """Simulated GPUs (one engine each)."""
+    kv_capacity_tokens: int = 432_000
+    """KV-cache capacity of one engine in tokens (H100 80GB, 0.9 utilization, Llama-3-8B at
+    128 KiB per token: ~53 GiB of KV)."""
+    block_size: int = 16
+    """KV block size in tokens (vLLM's default on GPU); reuse and eviction are per block."""
+    max_num_seqs: int = 256
+    """Most sequences one engine runs at once."""
+    max_num_batched_tokens: int = 8192
+    """Token budget of one engine step (decodes first, then chunked prefill)."""
+    max_model_len: int = 131_072
+    """Longest prompt + output an engine accepts."""
+    step_base_s: float = 0.007
+    """Fixed cost of one engine step (weights read once, launch, sampling)."""
+    prefill_per_token_s: float = 2.2e-5
+    """Per prefill token (the linear layers)."""
+    prefill_attention_s: float = 2.4e-9
+    """Per (new token x context token) pair of prefill attention."""
+    decode_per_seq_s: float = 2.0e-5
+    """Per decoding sequence in a step."""
+    decode_per_kv_token_s: float = 4.5e-8
+    """Per KV token read by decode attention (memory bound: 128 KiB per token)."""
+    stats_interval_s: float = 0.5
+    """How often each engine sends ``LoadStats`` to the scheduler."""
+    drain_s: float | None = None
+    """Virtual seconds after the last arrival before the run stops; requests not finished by then
+    count as unfinished. ``None``: 10% of the arrival span, at least 30 s."""
+    seed: int = 0
+    """Seed of the scheduler's RNG."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "gpus", "kv_capacity_tokens", "block_size", "max_num_seqs")
+        _positive(self, "max_num_batched_tokens", "max_model_len", "stats_interval_s", "drain_s")
+        _positive(self, "step_base_s", "prefill_per_token_s")
+        for name in ("prefill_attention_s", "decode_per_seq_s", "decode_per_kv_token_s"):
+            value = getattr(self, name)
+            _require(value >= 0, f"SimConfig.{name} must be >= 0, got {value}")
+        _require(
+            self.kv_capacity_tokens >= self.block_size,
+            f"SimConfig.kv_capacity_tokens ({self.kv_capacity_tokens}) must hold one block "
+            f"({self.block_size} tokens)",
+        )

@@ -1,0 +1,513 @@
+"""Seeded token-level workloads for the simulator: Preble's five, their mix, Zipf-skewed variants,
+and Mooncake-format trace replay.
+
+A prompt is a tuple of ``Piece`` objects, each a run of tokens with an identity. Pieces that many
+requests share (a tool description, a document, an agent's history) are the *same object* in every
+request that uses them, so the simulated engine reuses KV by piece identity without comparing
+tokens, and the tokens themselves are materialized only when the real scheduler needs them::
+
+    request 17:  [ Piece 3: tool doc, 1,560 tokens ][ Piece 9001: question, 275 tokens ]
+    request 42:  [ Piece 3: tool doc, 1,560 tokens ][ Piece 9044: question, 301 tokens ]
+                   \\_ same object: the engine reuses it, the scheduler's tree sees equal tokens _/
+
+The same piece id always yields the same tokens (a hash of (id, position), vectorized), so a piece
+need not be stored: shared pieces keep their token list once built, unique ones rebuild it.
+
+Statistics (prompt length mean+-std, shared fraction mean+-std, distinct prefixes, rate per 2 GPUs)
+are the ones the Preble paper reports for its workloads (Srivatsa et al., "Preble: Efficient
+Distributed Prompt Scheduling for LLM Serving", ICLR 2025, Table 1 / section 5 configs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "Piece",
+    "SimRequest",
+    "WorkloadSpec",
+    "WORKLOADS",
+    "workload_names",
+    "make_workload",
+    "load_trace",
+    "poisson_arrivals",
+    "gamma_arrivals",
+    "ideal_hit_rate",
+    "default_rate",
+    "default_requests",
+    "prompt_stats",
+    "arrivals",
+    "spread_ticks",
+    "piece_tokens",
+]
+
+VOCAB = 128_000
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def piece_tokens(src: int, n: int) -> list[int]:
+    """Tokens ``0..n-1`` of token source ``src``: splitmix64 of (src, position), mod the vocab.
+    A shorter run of the same source is a prefix of a longer one."""
+    with np.errstate(over="ignore"):
+        x = np.arange(n, dtype=np.uint64) + np.uint64((src & 0xFFFFFFFFFF) << 22)
+        x ^= x >> np.uint64(30)
+        x *= _M1
+        x ^= x >> np.uint64(27)
+        x *= _M2
+        x ^= x >> np.uint64(31)
+    return (x % np.uint64(VOCAB)).tolist()
+
+
+class Piece:
+    """A run of ``n`` tokens with an identity ``pid``; ``src`` names its token source (a cut block
+    of a trace shares the source of the full block, so its tokens are a prefix of it)."""
+
+    __slots__ = ("pid", "src", "n", "keep", "_tokens")
+
+    def __init__(self, pid: int, n: int, *, keep: bool = True, src: int | None = None) -> None:
+        self.pid = pid
+        self.src = pid if src is None else src
+        self.n = n
+        #: Keep the token list once built (shared pieces); unique ones rebuild it when asked.
+        self.keep = keep
+        self._tokens: list[int] | None = None
+
+    def tokens(self) -> list[int]:
+        t = self._tokens
+        if t is None:
+            t = piece_tokens(self.src, self.n)
+            if self.keep:
+                self._tokens = t
+        return t
+
+    def __repr__(self) -> str:
+        return f"Piece({self.pid}, n={self.n})"
+
+
+@dataclass(slots=True)
+class SimRequest:
+    request_id: str
+    arrival: float
+    pieces: tuple[Piece, ...]
+    output_tokens: int
+    """Tokens the request really generates (the simulated engine stops there)."""
+    max_tokens: int
+    """What the client asked for (what the scheduler sees)."""
+    output_piece: Piece | None = None
+    """Multi-turn: the output as a piece that later turns include; the engine caches it."""
+    prompt_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.prompt_tokens:
+            self.prompt_tokens = sum(p.n for p in self.pieces)
+
+    def token_ids(self) -> list[int]:
+        out: list[int] = []
+        for p in self.pieces:
+            out += p.tokens()
+        return out
+
+
+# ---------------------------------------------------------------- arrivals
+
+
+def poisson_arrivals(rate: float, n: int, rng: random.Random, start: float = 0.0) -> list[float]:
+    """``n`` arrival times of a Poisson process of ``rate`` per second."""
+    t = start
+    out = []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+def gamma_arrivals(
+    rate: float, n: int, rng: random.Random, cv: float = 2.0, start: float = 0.0
+) -> list[float]:
+    """Bursty arrivals: gamma inter-arrival times of mean ``1/rate`` and coefficient of variation
+    ``cv`` (cv = 1 is Poisson; larger is burstier)."""
+    shape = 1.0 / (cv * cv)
+    scale = 1.0 / (rate * shape)
+    t = start
+    out = []
+    for _ in range(n):
+        t += rng.gammavariate(shape, scale)
+        out.append(t)
+    return out
+
+
+def arrivals(kind: str, rate: float, n: int, rng: random.Random) -> list[float]:
+    """``poisson`` or ``gamma`` / ``gamma:CV``."""
+    if kind == "poisson":
+        return poisson_arrivals(rate, n, rng)
+    if kind.startswith("gamma"):
+        cv = float(kind.split(":", 1)[1]) if ":" in kind else 2.0
+        return gamma_arrivals(rate, n, rng, cv)
+    raise ValueError(f"unknown arrival process {kind!r}: use poisson, gamma or gamma:CV")
+
+
+# ---------------------------------------------------------------- Preble's workloads
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    name: str
+    prompt_mean: float
+    prompt_std: float
+    shared_mean: float
+    shared_std: float
+    prefixes: int
+    rate_per_2gpus: float
+    """Preble's request rate for 2 GPUs."""
+    output_lo: int
+    output_hi: int
+    multi_turn: bool = False
+    description: str = ""
+
+
+WORKLOADS: dict[str, WorkloadSpec] = {
+    s.name: s
+    for s in (
+        WorkloadSpec("toolbench", 1835, 742, 0.85, 0.13, 300, 12.0, 8, 80,
+                     description="tool use: a tool's instructions + a user query"),
+        WorkloadSpec("alfworld", 2285, 471, 0.97, 0.14, 200, 15.0, 16, 36, multi_turn=True,
+                     description="embodied agent: few-shot prompt + growing episode, multi-turn"),
+        WorkloadSpec("apps", 3871, 1656, 0.97, 0.074, 160, 4.5, 32, 512,
+                     description="programming: a problem with few-shot examples + a sample"),
+        WorkloadSpec("videoqa", 9865, 5976, 0.88, 0.32, 100, 10.0, 8, 64,
+                     description="video QA: a video's tokens + a question"),
+        WorkloadSpec("loogle", 23474, 6105, 0.91, 0.24, 24, 6.0, 5, 45,
+                     description="long-document QA: a document + a question"),
+    )
+}  # fmt: skip
+
+#: Seconds of arrivals at Preble's rate that make up a workload's default request count
+#: (ToolBench: 3600 requests at 12 rps on 2 GPUs).
+DEFAULT_DURATION_S = 300.0
+ZIPF_DEFAULT = 1.1
+
+
+def workload_names() -> list[str]:
+    base = list(WORKLOADS)
+    return base + ["mix"] + [f"{n}_zipf" for n in base] + ["mix_zipf"]
+
+
+def _parse_name(name: str) -> tuple[str, float | None]:
+    base, _, tail = name.partition("_zipf")
+    if base not in WORKLOADS and base != "mix":
+        raise ValueError(f"unknown workload {name!r}: one of {workload_names()} (or NAME_zipfS)")
+    if name == base:
+        return base, None
+    return base, float(tail) if tail else ZIPF_DEFAULT
+
+
+def default_rate(name: str, gpus: int) -> float:
+    """Preble's rate for the workload, scaled from 2 GPUs to ``gpus``."""
+    base, _ = _parse_name(name)
+    if base == "mix":
+        specs = list(WORKLOADS.values())
+        # Each request draws its workload in proportion to its rate; the mix's capacity is the
+        # harmonic blend of the per-workload rates.
+        r = len(specs) / sum(1.0 / s.rate_per_2gpus for s in specs)
+    else:
+        r = WORKLOADS[base].rate_per_2gpus
+    return r * gpus / 2
+
+
+def default_requests(name: str, gpus: int) -> int:
+    return int(round(default_rate(name, gpus) * DEFAULT_DURATION_S))
+
+
+def _gamma(rng: random.Random, mean: float, std: float) -> float:
+    """A positive length of the given mean and std."""
+    shape = (mean / std) ** 2
+    return rng.gammavariate(shape, mean / shape)
+
+
+def _beta(rng: random.Random, mean: float, std: float) -> float:
+    """A fraction in (0, 1) of the given mean and std (beta distribution; the std is capped at
+    what a distribution on (0, 1) with that mean allows)."""
+    var = min(std * std, 0.999 * mean * (1 - mean))
+    k = mean * (1 - mean) / var - 1
+    return rng.betavariate(max(1e-3, mean * k), max(1e-3, (1 - mean) * k))
+
+
+def _clipped_normal(rng: random.Random, mean: float, std: float, lo: float, hi: float) -> float:
+    for _ in range(32):
+        v = rng.gauss(mean, std)
+        if lo <= v <= hi:
+            return v
+    return min(hi, max(lo, mean))
+
+
+class _Ids:
+    def __init__(self, start: int) -> None:
+        self.next = start
+
+    def __call__(self) -> int:
+        self.next += 1
+        return self.next
+
+
+def _zipf_weights(n: int, s: float | None) -> list[float] | None:
+    if s is None:
+        return None
+    return [1.0 / (k + 1) ** s for k in range(n)]
+
+
+class _PrefixWorkload:
+    """Single-turn: each request is one of ``prefixes`` shared prefixes + a unique suffix."""
+
+    def __init__(self, spec: WorkloadSpec, rng: random.Random, ids: _Ids, zipf: float | None):
+        self.spec = spec
+        self.rng = rng
+        self.ids = ids
+        self.prefixes: list[tuple[Piece, float]] = []
+        for _ in range(spec.prefixes):
+            total = max(16.0, _gamma(rng, spec.prompt_mean, spec.prompt_std))
+            frac = _beta(rng, spec.shared_mean, spec.shared_std)
+            shared = min(max(1, round(total * frac)), round(total) - 1)
+            self.prefixes.append((Piece(ids(), shared), max(1.0, total - shared)))
+        self.weights = _zipf_weights(spec.prefixes, zipf)
+
+    def next(self, request_id: str, arrival: float) -> SimRequest:
+        rng = self.rng
+        if self.weights is None:
+            piece, suffix_mean = self.prefixes[rng.randrange(len(self.prefixes))]
+        else:
+            piece, suffix_mean = rng.choices(self.prefixes, self.weights)[0]
+        suffix = max(1, round(suffix_mean * rng.uniform(0.5, 1.5)))
+        out = rng.randint(self.spec.output_lo, self.spec.output_hi)
+        return SimRequest(
+            request_id, arrival, (piece, Piece(self.ids(), suffix, keep=False)), out, out
+        )
+
+
+class _AgentWorkload:
+    """Multi-turn (ALFWorld): an episode is a task type's few-shot prompt + the environment's
+    description + (action, observation) turns; turn k's prompt is turn k-1's prompt, its output
+    and the new observation. About ``rate * think_s`` episodes run at once; each arrival is the
+    next turn of a random running episode (open loop, so every policy sees the same requests)."""
+
+    TASK_TYPES = 6
+    THINK_S = 4.0
+
+    def __init__(self, spec: WorkloadSpec, rng: random.Random, ids: _Ids, zipf: float | None,
+                 rate: float) -> None:  # fmt: skip
+        self.spec = spec
+        self.rng = rng
+        self.ids = ids
+        # Few-shot prompt per task type and episode growth sized so that prompts average
+        # ``prompt_mean`` over an episode of 10-25 turns (history ~ +70 tokens per turn).
+        self.types = [
+            Piece(ids(), round(_clipped_normal(rng, spec.prompt_mean - 700, 300, 600, 4000)))
+            for _ in range(self.TASK_TYPES)
+        ]
+        self.env_weights = _zipf_weights(spec.prefixes, zipf)
+        self.envs = list(range(spec.prefixes))
+        self.concurrent = max(2, round(rate * self.THINK_S))
+        self.running: list[list] = []
+        self.started = 0
+
+    def _start(self) -> list:
+        rng = self.rng
+        if self.env_weights is None:
+            env = self.started % self.spec.prefixes
+        else:
+            env = rng.choices(self.envs, self.env_weights)[0]
+        self.started += 1
+        task = self.types[env % self.TASK_TYPES]
+        desc = Piece(self.ids(), rng.randint(60, 160))
+        # [history pieces, turns left]
+        return [[task, desc], rng.randint(10, 25)]
+
+    def next(self, request_id: str, arrival: float) -> SimRequest:
+        rng = self.rng
+        while len(self.running) < self.concurrent:
+            self.running.append(self._start())
+        i = rng.randrange(len(self.running))
+        ep = self.running[i]
+        hist: list[Piece] = ep[0]
+        obs = Piece(self.ids(), rng.randint(20, 70))
+        pieces = tuple(hist) + (obs,)
+        out = rng.randint(self.spec.output_lo, self.spec.output_hi)
+        out_piece = Piece(self.ids(), out)
+        ep[0] = list(pieces) + [out_piece]
+        ep[1] -= 1
+        if ep[1] <= 0:
+            self.running[i] = self._start()
+        return SimRequest(request_id, arrival, pieces, out, out, output_piece=out_piece)
+
+
+def make_workload(
+    name: str,
+    n: int,
+    rate: float,
+    seed: int = 0,
+    arrival: str = "poisson",
+) -> list[SimRequest]:
+    """``n`` requests of workload ``name`` (see ``workload_names()``) arriving at ``rate`` per
+    second. The same (name, n, rate, seed, arrival) always gives the same requests and tokens."""
+    base, zipf = _parse_name(name)
+    rng = random.Random(f"{name}/{seed}")
+    times = arrivals(arrival, rate, n, random.Random(f"{name}/{seed}/arrivals"))
+    ids = _Ids(0)
+    if base == "mix":
+        gens = [_make_gen(spec, rng, ids, zipf, rate) for spec in WORKLOADS.values()]
+        weights = [spec.rate_per_2gpus for spec in WORKLOADS.values()]
+        return [rng.choices(gens, weights)[0].next(f"{name}-{i}", t) for i, t in enumerate(times)]
+    gen = _make_gen(WORKLOADS[base], rng, ids, zipf, rate)
+    return [gen.next(f"{name}-{i}", t) for i, t in enumerate(times)]
+
+
+def _make_gen(spec: WorkloadSpec, rng, ids, zipf, rate):
+    if spec.multi_turn:
+        return _AgentWorkload(spec, rng, ids, zipf, rate)
+    return _PrefixWorkload(spec, rng, ids, zipf)
+
+
+# ---------------------------------------------------------------- trace replay
+
+MOONCAKE_BLOCK = 512
+
+
+def load_trace(
+    path: str | Path,
+    rate: float | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    max_output: int | None = None,
+) -> list[SimRequest]:
+    """Replay a Mooncake-format JSONL trace (``timestamp`` ms, ``input_length``,
+    ``output_length``, ``hash_ids``: one id per 512-token block, equal ids = equal blocks; the
+    last block is cut to ``input_length``).
+
+    Timestamps that are quantized (several requests on one tick) are spread uniformly within the
+    tick; ``rate`` rescales arrivals to that mean rate; ``n`` keeps the first ``n`` requests.
+    """
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+                if n is not None and len(rows) >= n:
+                    break
+    if not rows:
+        raise ValueError(f"trace {path} holds no requests")
+    rows.sort(key=lambda r: r["timestamp"])
+    times = spread_ticks([float(r["timestamp"]) / 1000.0 for r in rows], random.Random(seed))
+    t0 = times[0]
+    times = [t - t0 for t in times]
+    if rate is not None:
+        span = times[-1] if times[-1] > 0 else len(times)
+        scale = (len(times) / span) / rate if times[-1] > 0 else 1.0 / rate
+        times = [t * scale if times[-1] > 0 else i * scale for i, t in enumerate(times)]
+    uses: dict[int, int] = {}
+    for r in rows:
+        for h in r["hash_ids"]:
+            uses[h] = uses.get(h, 0) + 1
+    full: dict[int, Piece] = {}
+    cut: dict[tuple[int, int], Piece] = {}
+    next_id = 1 << 32  # piece ids of cut blocks, apart from the trace's own hash ids
+    out = []
+    for i, (r, t) in enumerate(zip(rows, times, strict=True)):
+        hashes = r["hash_ids"]
+        length = int(r["input_length"])
+        pieces = []
+        for j, h in enumerate(hashes):
+            size = min(MOONCAKE_BLOCK, length - j * MOONCAKE_BLOCK)
+            if size <= 0:
+                break
+            if size == MOONCAKE_BLOCK:
+                p = full.get(h)
+                if p is None:
+                    p = full[h] = Piece(h, size, keep=uses[h] > 1)
+            else:
+                p = cut.get((h, size))
+                if p is None:
+                    next_id += 1
+                    p = cut[(h, size)] = Piece(next_id, size, keep=uses[h] > 1, src=h)
+            pieces.append(p)
+        if not pieces:
+            continue
+        o = max(1, int(r.get("output_length", 1)))
+        if max_output is not None:
+            o = min(o, max_output)
+        out.append(SimRequest(f"trace-{i}", t, tuple(pieces), o, o))
+    return out
+
+
+def spread_ticks(times: Sequence[float], rng: random.Random) -> list[float]:
+    """Spread requests that share a timestamp uniformly within the tick (the smallest gap between
+    distinct timestamps), keeping their order."""
+    distinct = sorted(set(times))
+    if len(distinct) == len(times):
+        return list(times)
+    if len(distinct) > 1:
+        tick = min(b - a for a, b in zip(distinct, distinct[1:], strict=False))
+    else:
+        tick = 1.0
+    out = []
+    i = 0
+    while i < len(times):
+        j = i
+        while j < len(times) and times[j] == times[i]:
+            j += 1
+        offsets = sorted(rng.random() * tick for _ in range(j - i))
+        out.extend(times[i] + o for o in offsets)
+        i = j
+    return out
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def ideal_hit_rate(requests: Iterable[SimRequest]) -> float:
+    """Share of prompt tokens that appeared before, in an earlier prompt or a cached output
+    (every repeated token reused), in arrival order."""
+    seen: set[int] = set()
+    total = reused = 0
+    for r in sorted(requests, key=lambda r: r.arrival):
+        for p in r.pieces:
+            total += p.n
+            if p.pid in seen:
+                reused += p.n
+            else:
+                seen.add(p.pid)
+        if r.output_piece is not None:
+            seen.add(r.output_piece.pid)
+    return reused / total if total else 0.0
+
+
+def prompt_stats(requests: Sequence[SimRequest]) -> dict[str, float]:
+    """Prompt length and shared fraction (tokens of pieces some other request also uses), each
+    as mean and std, plus distinct first pieces."""
+    count: dict[int, int] = {}
+    for r in requests:
+        for p in r.pieces:
+            count[p.pid] = count.get(p.pid, 0) + 1
+    lens = [r.prompt_tokens for r in requests]
+    fracs = [sum(p.n for p in r.pieces if count[p.pid] > 1) / r.prompt_tokens for r in requests]
+
+    def ms(v: list[float]) -> tuple[float, float]:
+        m = sum(v) / len(v)
+        return m, math.sqrt(sum((x - m) ** 2 for x in v) / len(v))
+
+    lm, ls = ms(lens)
+    fm, fs = ms(fracs)
+    return {
+        "prompt_mean": lm,
+        "prompt_std": ls,
+        "shared_mean": fm,
+        "shared_std": fs,
+        "distinct_first": len({r.pieces[0].pid for r in requests}),
+    }
