@@ -75,7 +75,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
-def run(args: argparse.Namespace, out=sys.stdout) -> list[dict]:
+def run(args: argparse.Namespace, out=None) -> list[dict]:
+    out = out or sys.stdout
     policies = [x for x in args.policies.split(",") if x]
     bad = [x for x in policies if x not in POLICY_NAMES]
     if bad:

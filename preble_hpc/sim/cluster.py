@@ -50,6 +50,8 @@ class SimResult:
     wall_s: float
     decisions: dict = field(default_factory=dict)
     busy_s: list[float] = field(default_factory=list)
+    scheduler_stats: dict = field(default_factory=dict)
+    """``GlobalScheduler.stats()`` at the end of the run (decisions, cache events, tree)."""
 
     def row(self, workload: str, rate: float) -> dict:
         """The ``--json`` row (exactly the issue's keys)."""
@@ -222,4 +224,5 @@ def simulate(
         wall_s=time.perf_counter() - wall0,
         decisions=dict(scheduler.decisions),
         busy_s=busy,
+        scheduler_stats=scheduler.stats(),
     )

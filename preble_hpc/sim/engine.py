@@ -245,6 +245,7 @@ class SimEngine:
         self._macro_kv0 = 0
         self.prompt_tokens = 0
         self.hit_tokens = 0
+        self._order = 0  # tie-break of the decode heap (deterministic, unlike id())
 
     # ---------------------------------------------------------------- requests
 
@@ -395,7 +396,7 @@ class SimEngine:
             while self.prefilling and self.prefilling[0].computed >= self.prefilling[0].prompt:
                 self._prefill_done(self.prefilling.popleft(), now, res)
             if any(s.computed >= s.prompt for s in self.prefilling):
-                keep = deque()
+                keep: deque[SimSeq] = deque()
                 for s in self.prefilling:
                     if s.computed >= s.prompt:
                         self._prefill_done(s, now, res)
@@ -429,7 +430,8 @@ class SimEngine:
         s.k0 = self.k
         s.end_step = self.k + s.req.output_tokens - 1
         self.kv_a += s.prompt + 1 - s.k0
-        heapq.heappush(self.decoding, (s.end_step, id(s), s))
+        self._order += 1
+        heapq.heappush(self.decoding, (s.end_step, self._order, s))
 
     def _finish(self, s: SimSeq, now: float, res: StepResult) -> None:
         cache = self.cache

@@ -10,8 +10,9 @@ tokens, and the tokens themselves are materialized only when the real scheduler 
     request 42:  [ Piece 3: tool doc, 1,560 tokens ][ Piece 9044: question, 301 tokens ]
                    \\_ same object: the engine reuses it, the scheduler's tree sees equal tokens _/
 
-The same piece id always yields the same tokens (a hash of (id, position), vectorized), so a piece
-need not be stored: shared pieces keep their token list once built, unique ones rebuild it.
+The same piece id always yields the same tokens (a slice of a fixed random pool at a hashed
+offset), so a piece need not be stored: shared pieces keep their token list once built, unique
+ones rebuild it.
 
 Statistics (prompt length mean+-std, shared fraction mean+-std, distinct prefixes, rate per 2 GPUs)
 are the ones the Preble paper reports for its workloads (Srivatsa et al., "Preble: Efficient
@@ -49,21 +50,43 @@ __all__ = [
 ]
 
 VOCAB = 128_000
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
+_POOL_SIZE = 1 << 22
+_PART = 1 << 16
+_pool: list[int] | None = None
+
+
+def _token_pool() -> list[int]:
+    """A fixed random run of token ids that every piece slices its tokens from: a slice copies
+    pointers to shared int objects, so building a prompt allocates no ints."""
+    global _pool
+    if _pool is None:
+        _pool = np.random.default_rng(20250601).integers(0, VOCAB, _POOL_SIZE).tolist()
+    return _pool
+
+
+def _mix(x: int) -> int:
+    """splitmix64 finalizer: a well-spread 64-bit hash of ``x``."""
+    x &= 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
 
 
 def piece_tokens(src: int, n: int) -> list[int]:
-    """Tokens ``0..n-1`` of token source ``src``: splitmix64 of (src, position), mod the vocab.
-    A shorter run of the same source is a prefix of a longer one."""
-    with np.errstate(over="ignore"):
-        x = np.arange(n, dtype=np.uint64) + np.uint64((src & 0xFFFFFFFFFF) << 22)
-        x ^= x >> np.uint64(30)
-        x *= _M1
-        x ^= x >> np.uint64(27)
-        x *= _M2
-        x ^= x >> np.uint64(31)
-    return (x % np.uint64(VOCAB)).tolist()
+    """Tokens ``0..n-1`` of token source ``src``: 64k-token parts, each a slice of the shared
+    random pool at an offset hashed from (src, part). A shorter run of the same source is a prefix
+    of a longer one."""
+    pool = _token_pool()
+    out: list[int] = []
+    part = 0
+    while len(out) < n:
+        take = min(_PART, n - len(out))
+        off = _mix(src * 1_000_003 + part) % (_POOL_SIZE - _PART)
+        out += pool[off : off + take]
+        part += 1
+    return out
 
 
 class Piece:
@@ -240,6 +263,14 @@ def _beta(rng: random.Random, mean: float, std: float) -> float:
     return rng.betavariate(max(1e-3, mean * k), max(1e-3, (1 - mean) * k))
 
 
+def _standardized(xs: list[float], mean: float, std: float) -> list[float]:
+    if len(xs) < 2:
+        return [mean] * len(xs)
+    m = sum(xs) / len(xs)
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs)) or 1.0
+    return [mean + (x - m) * std / s for x in xs]
+
+
 def _clipped_normal(rng: random.Random, mean: float, std: float, lo: float, hi: float) -> float:
     for _ in range(32):
         v = rng.gauss(mean, std)
@@ -271,8 +302,15 @@ class _PrefixWorkload:
         self.rng = rng
         self.ids = ids
         self.prefixes: list[tuple[Piece, float]] = []
-        for _ in range(spec.prefixes):
-            total = max(16.0, _gamma(rng, spec.prompt_mean, spec.prompt_std))
+        # Prompt lengths per prefix, standardized to the paper's mean and std (a few dozen
+        # draws from a skewed distribution otherwise miss the mean by 10-20%).
+        totals = _standardized(
+            [_gamma(rng, spec.prompt_mean, spec.prompt_std) for _ in range(spec.prefixes)],
+            spec.prompt_mean,
+            spec.prompt_std,
+        )
+        for total in totals:
+            total = max(16.0, total)
             frac = _beta(rng, spec.shared_mean, spec.shared_std)
             shared = min(max(1, round(total * frac)), round(total) - 1)
             self.prefixes.append((Piece(ids(), shared), max(1.0, total - shared)))
@@ -456,7 +494,7 @@ def spread_ticks(times: Sequence[float], rng: random.Random) -> list[float]:
         tick = min(b - a for a, b in zip(distinct, distinct[1:], strict=False))
     else:
         tick = 1.0
-    out = []
+    out: list[float] = []
     i = 0
     while i < len(times):
         j = i
@@ -495,7 +533,7 @@ def prompt_stats(requests: Sequence[SimRequest]) -> dict[str, float]:
     for r in requests:
         for p in r.pieces:
             count[p.pid] = count.get(p.pid, 0) + 1
-    lens = [r.prompt_tokens for r in requests]
+    lens = [float(r.prompt_tokens) for r in requests]
     fracs = [sum(p.n for p in r.pieces if count[p.pid] > 1) / r.prompt_tokens for r in requests]
 
     def ms(v: list[float]) -> tuple[float, float]:

@@ -1,0 +1,142 @@
+"""Workload generators: Preble's statistics within tolerance, seeded reproducibility, arrivals,
+and Mooncake trace replay."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+
+import pytest
+
+from preble_hpc.sim.workloads import (
+    WORKLOADS,
+    Piece,
+    SimRequest,
+    gamma_arrivals,
+    ideal_hit_rate,
+    load_trace,
+    make_workload,
+    piece_tokens,
+    poisson_arrivals,
+    prompt_stats,
+    spread_ticks,
+    workload_names,
+)
+
+
+@pytest.mark.parametrize("name", ["toolbench", "apps", "videoqa", "loogle"])
+def test_single_turn_workloads_match_prebles_statistics(name):
+    spec = WORKLOADS[name]
+    reqs = make_workload(name, 4000, 10.0, seed=1)
+    st = prompt_stats(reqs)
+    # Few distinct prefixes (24 documents for LooGLE) make the sample mean noisy: 15%.
+    assert st["prompt_mean"] == pytest.approx(spec.prompt_mean, rel=0.15)
+    assert st["prompt_std"] == pytest.approx(spec.prompt_std, rel=0.35)
+    assert st["shared_mean"] == pytest.approx(spec.shared_mean, abs=0.08)
+    assert st["distinct_first"] == spec.prefixes
+    assert all(spec.output_lo <= r.output_tokens <= spec.output_hi for r in reqs)
+
+
+def test_alfworld_is_multi_turn_with_growing_shared_history():
+    reqs = make_workload("alfworld", 3000, 15.0, seed=1)
+    st = prompt_stats(reqs)
+    assert st["prompt_mean"] == pytest.approx(WORKLOADS["alfworld"].prompt_mean, rel=0.15)
+    assert st["shared_mean"] > 0.9
+    # A later turn's prompt is an earlier turn's prompt + its output + a new observation.
+    by_out = {r.output_piece.pid: r for r in reqs if r.output_piece is not None}
+    follow = [r for r in reqs if len(r.pieces) >= 2 and r.pieces[-2].pid in by_out]
+    assert len(follow) > 1000
+    r = follow[0]
+    prev = by_out[r.pieces[-2].pid]
+    assert r.pieces[: len(prev.pieces)] == prev.pieces and prev.arrival < r.arrival
+    assert 16 <= statistics.mean(x.output_tokens for x in reqs) <= 36
+
+
+def test_zipf_variant_concentrates_requests_on_few_prefixes():
+    flat = make_workload("loogle", 3000, 6.0, seed=2)
+    skew = make_workload("loogle_zipf1.5", 3000, 6.0, seed=2)
+
+    def top_share(reqs):
+        c: dict[int, int] = {}
+        for r in reqs:
+            c[r.pieces[0].pid] = c.get(r.pieces[0].pid, 0) + 1
+        return max(c.values()) / len(reqs)
+
+    assert top_share(skew) > 0.3 > top_share(flat)
+    assert "mix" in workload_names() and "videoqa_zipf" in workload_names()
+
+
+def test_generation_is_seeded_and_reproducible():
+    a = make_workload("mix", 500, 20.0, seed=3)
+    b = make_workload("mix", 500, 20.0, seed=3)
+    c = make_workload("mix", 500, 20.0, seed=4)
+    assert [r.arrival for r in a] == [r.arrival for r in b]
+    assert [r.token_ids() for r in a[:50]] == [r.token_ids() for r in b[:50]]
+    assert [r.arrival for r in a] != [r.arrival for r in c]
+
+
+def test_shared_pieces_are_shared_objects_and_tokens_are_deterministic():
+    reqs = make_workload("toolbench", 2000, 12.0, seed=0)
+    by_pid: dict[int, Piece] = {}
+    for r in reqs:
+        assert by_pid.setdefault(r.pieces[0].pid, r.pieces[0]) is r.pieces[0]
+    assert piece_tokens(7, 100) == piece_tokens(7, 100)
+    assert piece_tokens(7, 70000)[:100] == piece_tokens(7, 100)
+    assert piece_tokens(7, 100) != piece_tokens(8, 100)
+    assert all(0 <= t < 128_000 for t in piece_tokens(9, 1000))
+
+
+def test_poisson_and_gamma_arrivals_have_the_requested_rate_and_burstiness():
+    rng = random.Random(0)
+    t = poisson_arrivals(50.0, 20000, rng)
+    assert len(t) / t[-1] == pytest.approx(50.0, rel=0.03)
+    gaps = [b - a for a, b in zip(t, t[1:], strict=False)]
+    assert statistics.pstdev(gaps) / statistics.mean(gaps) == pytest.approx(1.0, abs=0.05)
+    g = gamma_arrivals(50.0, 20000, rng, cv=3.0)
+    assert len(g) / g[-1] == pytest.approx(50.0, rel=0.1)
+    gg = [b - a for a, b in zip(g, g[1:], strict=False)]
+    assert statistics.pstdev(gg) / statistics.mean(gg) == pytest.approx(3.0, rel=0.15)
+
+
+def test_ideal_hit_rate_counts_every_repeated_token():
+    p, q = Piece(1, 100), Piece(2, 50)
+    reqs = [
+        SimRequest("a", 0.0, (p, Piece(3, 10)), 1, 1),
+        SimRequest("b", 1.0, (p, q), 1, 1),
+        SimRequest("c", 2.0, (p, q, Piece(4, 40)), 1, 1),
+    ]
+    assert ideal_hit_rate(reqs) == pytest.approx((100 + 150) / (110 + 150 + 190))
+
+
+def test_trace_replay_blocks_rate_and_quantized_ticks(tmp_path):
+    lines = [
+        {"timestamp": 0, "input_length": 1100, "output_length": 5, "hash_ids": [1, 2, 3]},
+        {"timestamp": 0, "input_length": 1024, "output_length": 7, "hash_ids": [1, 2]},
+        {"timestamp": 0, "input_length": 600, "output_length": 3, "hash_ids": [1, 4]},
+        {"timestamp": 1000, "input_length": 512, "output_length": 2, "hash_ids": [1]},
+        {"timestamp": 3000, "input_length": 700, "output_length": 2, "hash_ids": [5, 6]},
+    ]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    reqs = load_trace(path)
+    assert [r.prompt_tokens for r in reqs] == [1100, 1024, 600, 512, 700]
+    assert [r.output_tokens for r in reqs] == [5, 7, 3, 2, 2]
+    # Equal hash ids are the same piece; the cut last block is a prefix of no other block.
+    assert reqs[0].pieces[0] is reqs[1].pieces[0] is reqs[3].pieces[0]
+    assert reqs[0].pieces[1] is reqs[1].pieces[1]
+    assert [p.n for p in reqs[0].pieces] == [512, 512, 76]
+    assert reqs[0].token_ids()[:1024] == reqs[1].token_ids()
+    # Three requests on tick 0 are spread within the tick (1 s), in order; replay starts at 0.
+    t = [r.arrival for r in reqs]
+    assert t[0] == 0 < t[1] < t[2] < 1.0 and t == sorted(t) and len(set(t)) == 5
+    # Rescaled to 10 rps: 5 requests over 0.5 s.
+    fast = load_trace(path, rate=10.0)
+    assert len(fast) / (fast[-1].arrival - fast[0].arrival) == pytest.approx(10.0)
+    assert len(load_trace(path, n=2)) == 2
+
+
+def test_spread_ticks_keeps_distinct_timestamps():
+    assert spread_ticks([0.0, 1.0, 2.0], random.Random(0)) == [0.0, 1.0, 2.0]
+    s = spread_ticks([0.0, 0.0, 2.0, 2.0], random.Random(0))
+    assert 0 <= s[0] <= s[1] < 2.0 <= s[2] <= s[3] < 4.0
