@@ -1,0 +1,294 @@
+"""One worker rank's request handling: Preble's local scheduler in front of one vLLM engine.
+
+::
+
+    submit(Submit) --validate--> LocalScheduler (group by estimated hit ratio)
+                                     | admission, paced: at most max_engine_waiting requests
+                                     v  admitted but not yet started inside vLLM
+    step():                      EngineAdapter.step() -> TokenDelta*, Finished (timings)
+                                 KV events            -> CacheReport (+ our prefix mirror)
+                                 every stats_interval -> LoadStats
+
+Timings of one request, as reported in ``Finished``::
+
+    received      admitted        vLLM scheduled    first token         last token
+       |-- local queue --|-- vLLM queue --|--- prefill ---|--- decode (n-1 tokens) ---|
+       \\__________ queue_s ______________/ \\_ prefill_s _/  decode_s_per_token = span/(n-1)
+
+The vLLM parts use vLLM's own per-request timestamps when it reports them (engine-core clock,
+durations only), else the worker's clock at step boundaries.
+
+The cached-token estimate that picks a request's priority group is the larger of rank 0's hint
+and this worker's mirror of what vLLM reported stored (per block, chained hashes of the prefix);
+vLLM itself decides what is really reused and ``Finished.cached_tokens`` says what it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from preble_hpc.config import EngineConfig, LocalSchedulerConfig
+from preble_hpc.messages import (
+    CacheEvent,
+    CacheEventKind,
+    CacheReport,
+    Finished,
+    LoadStats,
+    RequestError,
+    Submit,
+    TokenDelta,
+    WorkerReady,
+)
+from preble_hpc.worker_rank.local_scheduler import LocalScheduler
+
+log = logging.getLogger("preble_hpc.worker")
+
+
+class PrefixMirror:
+    """The prefixes the engine reported stored, as chained per-block keys::
+
+        key(block 0) = hash((None, tokens[0:B]))
+        key(block i) = hash((key(block i-1), tokens[iB:(i+1)B]))
+
+    ``cached_tokens(prompt)`` walks the prompt's blocks until a key is missing: O(prompt)."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self._keys: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _chain(self, token_ids: Sequence[int]):
+        key: int | None = None
+        b = self.block_size
+        for start in range(0, len(token_ids) - b + 1, b):
+            key = hash((key, tuple(token_ids[start : start + b])))
+            yield key
+
+    def apply(self, event: CacheEvent) -> None:
+        if event.kind is CacheEventKind.STORED:
+            self._keys.update(self._chain(event.token_ids))
+        elif event.kind is CacheEventKind.EVICTED:
+            keys = list(self._chain(event.token_ids))
+            if keys:  # the evicted block is the last one; its children become unreachable
+                self._keys.discard(keys[-1])
+        elif event.kind is CacheEventKind.CLEARED:
+            self._keys.clear()
+
+    def cached_tokens(self, token_ids: Sequence[int]) -> int:
+        n = 0
+        for key in self._chain(token_ids):
+            if key not in self._keys:
+                break
+            n += self.block_size
+        return n
+
+
+@dataclass(slots=True)
+class _Request:
+    msg: Submit
+    received: float
+    admitted: float = 0.0
+    first_output: float = 0.0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Worker:
+    """Contract C (see CONTRACTS.md). ``engine``: an already built engine adapter (tests, the
+    benchmark); by default the worker builds ``EngineAdapter(engine_config)`` (seconds)."""
+
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        local_config: LocalSchedulerConfig,
+        rank: int,
+        clock: Callable[[], float] = time.monotonic,
+        stats_interval_s: float = 0.5,
+        *,
+        engine: Any = None,
+    ) -> None:
+        if engine is None:
+            from preble_hpc.worker_rank.engine import EngineAdapter
+
+            engine = EngineAdapter(engine_config)
+        self.engine = engine
+        self.engine_config = engine_config
+        self.local_config = local_config
+        self.rank = rank
+        self.clock = clock
+        self.stats_interval_s = stats_interval_s
+        self.local = LocalScheduler(local_config)
+        self.mirror = PrefixMirror(engine.block_size)
+        self._queued: dict[str, _Request] = {}
+        self._running: dict[str, _Request] = {}
+        #: Admitted ids without output yet: waiting or prefilling inside vLLM (admission pacing).
+        self._unstarted: set[str] = set()
+        self._next_stats = clock()
+
+    # ------------------------------------------------------------------ contract C
+
+    def ready_message(self) -> WorkerReady:
+        return WorkerReady(
+            rank=self.rank,
+            kv_capacity_tokens=self.engine.kv_capacity_tokens,
+            block_size=self.engine.block_size,
+            max_model_len=self.engine.max_model_len,
+            model=self.engine_config.model,
+        )
+
+    def submit(self, msg: Submit) -> list[object]:
+        """Queue ``msg``; ``[RequestError]`` instead if it is invalid (never raises for it)."""
+        rid = str(getattr(msg, "request_id", ""))
+        try:
+            if not isinstance(msg, Submit):
+                raise ValueError(f"expected a Submit, got {type(msg).__name__}")
+            if rid in self._queued or rid in self._running:
+                raise ValueError(f"request {rid!r} is already on rank {self.rank}")
+            self.engine.validate(msg.request_id, msg.prompt_token_ids, msg.sampling)
+        except ValueError as exc:
+            return [RequestError(rid, self.rank, str(exc))]
+        cached = max(self.mirror.cached_tokens(msg.prompt_token_ids), max(0, msg.cached_hint))
+        cached = min(cached, len(msg.prompt_token_ids))
+        req = _Request(msg, received=self.clock())
+        self._queued[rid] = req
+        self.local.add(rid, len(msg.prompt_token_ids), cached, req)
+        return []
+
+    def abort(self, request_id: str) -> list[object]:
+        """Stop ``request_id`` wherever it is; ``[Finished("abort")]`` if it was known."""
+        req = self._queued.pop(request_id, None)
+        if req is not None:
+            self.local.remove(request_id)
+        else:
+            req = self._running.pop(request_id, None)
+            if req is None:
+                return []
+            self._unstarted.discard(request_id)
+            self.engine.abort(request_id)
+        return [self._finished(req, "abort", 0.0, 0.0, 0.0)]
+
+    def step(self) -> list[object]:
+        """Admit, run one engine step, and collect what it produced (see the module docstring)."""
+        out: list[object] = []
+        self._admit(out)
+        for update in self.engine.step():
+            self._on_update(update, out)
+        events = self.engine.cache_events()
+        if events:
+            for event in events:
+                self.mirror.apply(event)
+            out.append(CacheReport(self.rank, events))
+        now = self.clock()
+        if now >= self._next_stats:
+            self._next_stats = now + self.stats_interval_s
+            out.append(self.load_stats(now))
+        return out
+
+    def has_work(self) -> bool:
+        return bool(self._queued) or bool(self._running) or self.engine.has_unfinished()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    # ------------------------------------------------------------------ internals
+
+    def load_stats(self, now: float | None = None) -> LoadStats:
+        load = self.engine.load()
+        return LoadStats(
+            rank=self.rank,
+            time=self.clock() if now is None else now,
+            running=load.running,
+            waiting=load.waiting,
+            kv_usage=load.kv_usage,
+            local_queue=len(self.local),
+            prefix_cache_hit_rate=load.prefix_cache_hit_rate,
+        )
+
+    def admission_room(self) -> int:
+        """How many requests may enter vLLM now: keep at most ``max_engine_waiting`` admitted
+        but not started (0 still lets one in when none waits, so the engine never idles)."""
+        return max(1, self.local_config.max_engine_waiting) - len(self._unstarted)
+
+    def _admit(self, out: list[object]) -> None:
+        room = self.admission_room()
+        if room <= 0 or not self._queued:
+            return
+        for req in self.local.pop_round(room):
+            rid = req.msg.request_id
+            del self._queued[rid]
+            try:
+                self.engine.add_request(rid, req.msg.prompt_token_ids, req.msg.sampling)
+            except ValueError as exc:
+                out.append(RequestError(rid, self.rank, str(exc)))
+                continue
+            except Exception as exc:  # the engine refused in an unexpected way: report it
+                log.exception("rank %d: engine rejected %s", self.rank, rid)
+                out.append(
+                    RequestError(
+                        rid,
+                        self.rank,
+                        f"{type(exc).__name__}: {exc}",
+                        kind="internal",
+                        traceback=traceback.format_exc(),
+                    )
+                )
+                continue
+            req.admitted = self.clock()
+            self._running[rid] = req
+            self._unstarted.add(rid)
+
+    def _on_update(self, update: Any, out: list[object]) -> None:
+        rid = update.request_id
+        req = self._running.get(rid)
+        if req is None:  # aborted meanwhile
+            return
+        now = self.clock()
+        if not req.first_output:
+            req.first_output = now
+            self._unstarted.discard(rid)
+        req.cached_tokens = max(req.cached_tokens, update.cached_tokens)
+        req.completion_tokens = update.completion_tokens
+        if update.token_ids or update.text:
+            out.append(TokenDelta(rid, list(update.token_ids), update.text))
+        if not update.finished:
+            return
+        del self._running[rid]
+        queue_s, prefill_s, decode_s = self._timings(req, update, now)
+        out.append(
+            self._finished(req, update.finish_reason or "stop", queue_s, prefill_s, decode_s)
+        )
+
+    def _timings(self, req: _Request, update: Any, now: float) -> tuple[float, float, float]:
+        local_wait = req.admitted - req.received
+        n = update.completion_tokens
+        if update.scheduled_ts and update.first_token_ts:
+            queue_s = local_wait + max(0.0, update.scheduled_ts - update.queued_ts)
+            prefill_s = max(0.0, update.first_token_ts - update.scheduled_ts)
+            span = max(0.0, update.last_token_ts - update.first_token_ts)
+        else:
+            queue_s = local_wait
+            prefill_s = max(0.0, req.first_output - req.admitted)
+            span = max(0.0, now - req.first_output)
+        return queue_s, prefill_s, span / (n - 1) if n > 1 else 0.0
+
+    def _finished(
+        self, req: _Request, reason: str, queue_s: float, prefill_s: float, decode_s: float
+    ) -> Finished:
+        return Finished(
+            request_id=req.msg.request_id,
+            rank=self.rank,
+            finish_reason=reason,
+            prompt_tokens=len(req.msg.prompt_token_ids),
+            cached_tokens=req.cached_tokens,
+            completion_tokens=req.completion_tokens,
+            queue_s=queue_s,
+            prefill_s=prefill_s,
+            decode_s_per_token=decode_s,
+        )
