@@ -52,6 +52,52 @@ def base_rate(name: str, gpus: int) -> float:
     return default_rate(name, gpus)
 
 
+def compare_one(name: str, gpus: int, duration: float, drain_frac: float, seed: int) -> dict:
+    """Sweep E2 over rates for one workload, then run every policy at the highest rate where E2
+    finishes every request. Returns its rows, sweep rows, rate and printed lines."""
+    lines: list[str] = []
+    sweep: list[dict] = []
+    base = base_rate(name, gpus)
+
+    def setup(rate: float):
+        reqs = requests_for(name, rate, duration, seed)
+        span = reqs[-1].arrival - reqs[0].arrival
+        return reqs, SimConfig(gpus=gpus, seed=seed, drain_s=max(1.0, drain_frac * span))
+
+    best = None
+    for m in MULTIPLIERS:
+        rate = round(base * m, 3)
+        reqs, sim = setup(rate)
+        res = simulate(reqs, "e2", sim, SchedulerConfig())
+        sweep.append(res.row(name, rate))
+        lines.append(
+            f"  sweep {name} x{m:g} rate {rate:g}: e2 finished {res.finished}/{res.requests} "
+            f"mean {res.mean_latency_s:.2f}s ({res.wall_s:.1f}s)"
+        )
+        if res.finished < res.requests:
+            break
+        best = (rate, reqs, sim)
+    if best is None:
+        lines.append(f"  {name}: E2 does not finish every request even at Preble's rate")
+        rate = round(base, 3)
+        best = (rate, *setup(rate))
+    rate, reqs, sim = best
+    ideal = ideal_hit_rate(reqs)
+    lines += [f"\n== {name}  rate {rate:g}/s  {len(reqs)} requests  {gpus} GPUs", HEADER]
+    rows = []
+    for pol in POLICY_NAMES:
+        res = simulate(reqs, pol, replace(sim), SchedulerConfig(), ideal=ideal)
+        row = res.row(name, rate)
+        row["decisions"] = res.decisions
+        rows.append(row)
+        lines.append(f"{format_row(row)}  ({res.wall_s:.1f}s)")
+    return {"name": name, "rate": rate, "rows": rows, "sweep": sweep, "lines": lines}
+
+
+def _compare_one(a: tuple) -> dict:
+    return compare_one(*a)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpus", type=int, default=8)
@@ -59,51 +105,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals per run")
     p.add_argument("--drain-frac", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="workloads simulated in parallel")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "compare_policies.json"))
+    p.add_argument("--replot", action="store_true", help="only redraw the plot of --out")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.replot:
+        plot(json.loads(out.read_text())["rows"], out.with_suffix(".png"))
+        return 0
 
+    t0 = time.perf_counter()
+    names = [w for w in args.workloads.split(",") if w]
+    jobs = [(n, args.gpus, args.duration, args.drain_frac, args.seed) for n in names]
+    if args.jobs > 1:
+        from multiprocessing import Pool
+
+        with Pool(min(args.jobs, len(jobs))) as pool:
+            results = pool.map(_compare_one, jobs, chunksize=1)
+    else:
+        results = [_compare_one(j) for j in jobs]
     rows: list[dict] = []
     sweep: list[dict] = []
     selected: dict[str, float] = {}
-    t0 = time.perf_counter()
-    for name in [w for w in args.workloads.split(",") if w]:
-        base = base_rate(name, args.gpus)
-        best = None
-        for m in MULTIPLIERS:
-            rate = round(base * m, 3)
-            reqs = requests_for(name, rate, args.duration, args.seed)
-            span = reqs[-1].arrival - reqs[0].arrival
-            sim = SimConfig(
-                gpus=args.gpus, seed=args.seed, drain_s=max(1.0, args.drain_frac * span)
-            )
-            res = simulate(reqs, "e2", sim, SchedulerConfig())
-            sweep.append(res.row(name, rate))
-            print(f"  sweep {name} x{m:g} rate {rate:g}: e2 finished {res.finished}/{res.requests}"
-                  f" mean {res.mean_latency_s:.2f}s ({res.wall_s:.1f}s)", flush=True)  # fmt: skip
-            if res.finished < res.requests:
-                break
-            best = (rate, reqs, sim)
-        if best is None:
-            print(f"  {name}: E2 does not finish every request even at Preble's rate", flush=True)
-            rate = round(base, 3)
-            reqs = requests_for(name, rate, args.duration, args.seed)
-            span = reqs[-1].arrival - reqs[0].arrival
-            best = (rate, reqs, SimConfig(gpus=args.gpus, seed=args.seed,
-                                          drain_s=max(1.0, args.drain_frac * span)))  # fmt: skip
-        rate, reqs, sim = best
-        selected[name] = rate
-        ideal = ideal_hit_rate(reqs)
-        print(f"\n== {name}  rate {rate:g}/s  {len(reqs)} requests  {args.gpus} GPUs")
-        print(HEADER)
-        for pol in POLICY_NAMES:
-            res = simulate(reqs, pol, replace(sim), SchedulerConfig(), ideal=ideal)
-            row = res.row(name, rate)
-            row["decisions"] = res.decisions
-            rows.append(row)
-            print(format_row(row), f" ({res.wall_s:.1f}s)", flush=True)
+    for r in results:
+        print("\n".join(r["lines"]), flush=True)
+        rows += r["rows"]
+        sweep += r["sweep"]
+        selected[r["name"]] = r["rate"]
     summary = summarize(rows)
     print_summary(summary)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "config": {
@@ -111,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": args.duration,
             "drain_frac": args.drain_frac,
             "seed": args.seed,
+            "multipliers_of_prebles_rate": MULTIPLIERS,
             "engine": SimConfig().__dict__,
             "wall_s": round(time.perf_counter() - t0, 1),
         },
@@ -120,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         "sweep": sweep,
     }
     out.write_text(json.dumps(doc, indent=1) + "\n")
-    plot(rows, out.with_suffix(".png"))
+    try:
+        plot(rows, out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib missing: no plot (run again with --replot where it is installed)")
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
     return 0
 
