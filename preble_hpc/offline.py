@@ -50,6 +50,12 @@ log = logging.getLogger("preble_hpc.batch")
 #: 2 usage, 3 a worker failed, 130 interrupted (SIGTERM/SIGINT: rerun to resume).
 EXIT_PARTIAL = 1
 
+#: Error kinds that say nothing about the request itself (a worker died, the job is stopping):
+#: such a request is not written to the output, so that a rerun runs it again.
+RETRY_KINDS = frozenset(
+    {"unavailable", "internal", "deadline_exceeded", "cancelled", "resource_exhausted"}
+)
+
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _LINE_KEYS = ("id", "prompt", "messages", "sampling", "metadata", *SAMPLING_FIELDS)
 
@@ -334,7 +340,8 @@ def result_record(event: Any, metadata: Any = None) -> dict[str, Any]:
 @dataclass
 class _Totals:
     ok: int = 0
-    failed: int = 0
+    failed: int = 0  # written as error lines
+    retry: int = 0  # failed for reasons outside the request; not written
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -443,7 +450,7 @@ class BatchRun:
             if exhausted and self.rt.inflight == 0:
                 return False
             if not self.rt.live_ranks:
-                return False
+                return self.stop.is_set()
             self.rt.step()
             self.writer.maybe_sync()
         return True
@@ -479,18 +486,27 @@ class BatchRun:
     def _on_final(self, event: Any) -> None:
         if not self.accepting:
             return
-        record = result_record(event, self.metadata.pop(event.request_id, None))
-        self.writer.write(record)
-        self.totals.add(event)
+        metadata = self.metadata.pop(event.request_id, None)
         self.pbar.update(1)
-        if not event.ok:
+        error = event.error
+        if error is not None and error.kind in RETRY_KINDS:
+            self.totals.retry += 1
             self.pbar.write(
-                f"batch: request {event.request_id!r} failed: {record['error']}", file=sys.stderr
+                f"batch: request {event.request_id!r} failed ({error.kind}): {error.message}; "
+                f"not written, a rerun retries it",
+                file=sys.stderr,
+            )
+            return
+        self.writer.write(result_record(event, metadata))
+        self.totals.add(event)
+        if error is not None:
+            self.pbar.write(
+                f"batch: request {event.request_id!r} failed: {error.message}", file=sys.stderr
             )
         elif self.args.echo:
             self.pbar.write(
                 f"[rank {event.rank} {event.decision} cached "
-                f"{record['cached_tokens']}/{record['prompt_tokens']}] "
+                f"{event.result.cached_tokens}/{event.result.prompt_tokens}] "
                 f"{event.request_id}: {event.text[:70]!r}"
             )
 
@@ -508,11 +524,11 @@ class BatchRun:
         print(format_summary(summary))
         if self.args.summary_json:
             Path(self.args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+        if interrupted:  # first: a signal may also have killed engines on its way
+            return EXIT_INTERRUPTED
         if self.rt.failed_ranks:
             return EXIT_JOB_FAILED
-        if interrupted:
-            return EXIT_INTERRUPTED
-        if self.bad_lines or self.totals.failed:
+        if self.bad_lines or self.totals.failed or self.totals.retry:
             return EXIT_PARTIAL
         return 0
 
@@ -532,6 +548,7 @@ class BatchRun:
             "workers": len(stats["runtime"]["per_rank"]),
             "completed": t.ok,
             "failed": t.failed,
+            "failed_not_written": t.retry,
             "skipped_done": self.skipped,
             "bad_lines": self.bad_lines,
             "interrupted": interrupted,
@@ -591,6 +608,11 @@ def format_summary(s: dict[str, Any]) -> str:
         )
     for rank, why in s["failed_ranks"].items():
         lines.append(f"  FAILED     rank {rank}: {why}")
+    if s["failed_not_written"]:
+        lines.append(
+            f"  RETRY      {s['failed_not_written']} request(s) failed for reasons outside "
+            f"themselves and were not written; rerun the same command to retry them"
+        )
     if s["bad_lines"]:
         lines.append(
             f"  NOTE       {s['bad_lines']} input line(s) were bad (see messages above); "

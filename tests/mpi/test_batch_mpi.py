@@ -111,7 +111,8 @@ def test_requests_sharing_a_long_prefix_land_together_and_hit_the_cache(main_job
     for name, members in groups.items():
         ranks = Counter(r["rank"] for r in members)
         top_rank, top = ranks.most_common(1)[0]
-        assert top >= len(members) - 1, f"{name} spread over {dict(ranks)}"
+        # E2 may rebalance a few requests of one group to the other rank (3 groups, 2 ranks)
+        assert top >= len(members) - 2, f"{name} spread over {dict(ranks)}"
         hits = [r for r in members if r["cached_tokens"] >= 0.5 * r["prompt_tokens"]]
         assert len(hits) >= len(members) - 2, (
             f"{name}: cached {[r['cached_tokens'] for r in members]}"

@@ -389,3 +389,18 @@ def test_batch_flag_errors_fail_before_any_engine(tmp_path, capsys):
     assert "round_robin" in capsys.readouterr().err
     assert main(["--model", "m", "--input", str(f), "--output", "o", "--max-num-seqs", "0"]) == 2
     assert "max_num_seqs must be > 0" in capsys.readouterr().err
+
+
+def test_requests_lost_with_the_last_worker_are_not_written_so_a_rerun_retries_them(
+    tmp_path, capsys
+):
+    f = prompts_file(tmp_path, 6)
+    code, lines, run = run_batch(
+        tmp_path, f, n_workers=1, behaviour=FakeBehaviour(fail_step_ranks={1})
+    )
+    assert code == 3 and lines == [] and run.totals.retry > 0
+    captured = capsys.readouterr()
+    assert "not written, a rerun retries it" in captured.err
+    assert "rerun the same command to retry them" in captured.out
+    code, lines, _ = run_batch(tmp_path, f)
+    assert code == 0 and sorted(r["id"] for r in lines) == sorted(f"q{i}" for i in range(6))
