@@ -40,8 +40,10 @@ class EngineConfig:
     max_model_len: int | None = None
     """Longest prompt + output in tokens; ``None`` takes the model's own limit."""
     kv_cache_gib: float | None = None
-    """KV-cache size per engine in GiB. On CPU it sets ``VLLM_CPU_KVCACHE_SPACE``; on GPU it
-    caps the KV cache instead of ``gpu_memory_utilization`` when given."""
+    """KV-cache size per engine in GiB (fractions allowed), passed as vLLM's
+    ``kv_cache_memory_bytes`` on CPU and GPU alike; it then replaces ``gpu_memory_utilization``
+    for sizing the cache, and the engine drops ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB only),
+    which would override it. ``None``: that variable on CPU, ``gpu_memory_utilization`` on GPU."""
     gpu_memory_utilization: float = 0.9
     """Fraction of GPU memory vLLM may use (GPU only)."""
     max_num_seqs: int = 256
