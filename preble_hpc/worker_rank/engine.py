@@ -179,6 +179,9 @@ class EngineAdapter:
         self.block_size: int = vllm_config.cache_config.block_size
         self.max_model_len: int = self._engine.model_config.max_model_len
         self.vocab_size: int = self._engine.model_config.get_vocab_size()
+        #: vLLM's prefill token budget and sequence slots per step (the worker's pacing).
+        self.max_num_batched_tokens: int = vllm_config.scheduler_config.max_num_batched_tokens
+        self.max_num_seqs: int = vllm_config.scheduler_config.max_num_seqs
         num_blocks = vllm_config.cache_config.num_gpu_blocks or 0
         self.kv_capacity_tokens: int = num_blocks * self.block_size
         self._prompt_len: dict[str, int] = {}

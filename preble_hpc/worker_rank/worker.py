@@ -3,8 +3,9 @@
 ::
 
     submit(Submit) --validate--> LocalScheduler (group by estimated hit ratio)
-                                     | admission, paced: at most max_engine_waiting requests
-                                     v  admitted but not yet started inside vLLM
+                                     | admission, paced: what vLLM starts in its next step
+                                     | (token budget, free slots), plus at most
+                                     v max_engine_waiting requests waiting inside vLLM
     step():                      EngineAdapter.step() -> TokenDelta*, Finished (timings)
                                  KV events            -> CacheReport (+ our prefix mirror)
                                  every stats_interval -> LoadStats
@@ -96,6 +97,8 @@ class _Request:
     received: float
     admitted: float = 0.0
     first_output: float = 0.0
+    #: Cached prompt tokens expected at submission (priority group, admission budget).
+    cached_estimate: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
 
@@ -128,8 +131,10 @@ class Worker:
         self.mirror = PrefixMirror(engine.block_size)
         self._queued: dict[str, _Request] = {}
         self._running: dict[str, _Request] = {}
-        #: Admitted ids without output yet: waiting or prefilling inside vLLM (admission pacing).
-        self._unstarted: set[str] = set()
+        #: Admitted ids without output yet (waiting or prefilling inside vLLM) -> the prompt
+        #: tokens they still have to compute, for admission pacing.
+        self._unstarted: dict[str, int] = {}
+        self._unstarted_tokens = 0
         self._next_stats = clock()
 
     # ------------------------------------------------------------------ contract C
@@ -156,7 +161,7 @@ class Worker:
             return [RequestError(rid, self.rank, str(exc))]
         cached = max(self.mirror.cached_tokens(msg.prompt_token_ids), max(0, msg.cached_hint))
         cached = min(cached, len(msg.prompt_token_ids))
-        req = _Request(msg, received=self.clock())
+        req = _Request(msg, received=self.clock(), cached_estimate=cached)
         self._queued[rid] = req
         self.local.add(rid, len(msg.prompt_token_ids), cached, req)
         return []
@@ -170,7 +175,7 @@ class Worker:
             req = self._running.pop(request_id, None)
             if req is None:
                 return []
-            self._unstarted.discard(request_id)
+            self._unstarted_tokens -= self._unstarted.pop(request_id, 0)
             self.engine.abort(request_id)
         return [self._finished(req, "abort", 0.0, 0.0, 0.0)]
 
@@ -211,16 +216,29 @@ class Worker:
             prefix_cache_hit_rate=load.prefix_cache_hit_rate,
         )
 
-    def admission_room(self) -> int:
-        """How many requests may enter vLLM now: keep at most ``max_engine_waiting`` admitted
-        but not started (0 still lets one in when none waits, so the engine never idles)."""
-        return max(1, self.local_config.max_engine_waiting) - len(self._unstarted)
+    def can_admit(self) -> bool:
+        """Pacing: let a request into vLLM only if vLLM will start it in its next step (its
+        prefill token budget and sequence slots still have room), or if fewer than
+        ``max_engine_waiting`` admitted requests are still waiting inside it (0 behaves as 1, so
+        the engine never idles). Either way vLLM's own queue stays short, so a hot request that
+        arrives later still overtakes a cold one that is queued here."""
+        if len(self._unstarted) < max(1, self.local_config.max_engine_waiting):
+            return True
+        budget = getattr(self.engine, "max_num_batched_tokens", None)
+        slots = getattr(self.engine, "max_num_seqs", None)
+        return (
+            budget is not None
+            and slots is not None
+            and self._unstarted_tokens < budget
+            and len(self._running) < slots
+        )
 
     def _admit(self, out: list[object]) -> None:
-        room = self.admission_room()
-        if room <= 0 or not self._queued:
-            return
-        for req in self.local.pop_round(room):
+        while self._queued and self.can_admit():
+            popped = self.local.pop_round(1)
+            if not popped:
+                return
+            req = popped[0]
             rid = req.msg.request_id
             del self._queued[rid]
             try:
@@ -242,7 +260,8 @@ class Worker:
                 continue
             req.admitted = self.clock()
             self._running[rid] = req
-            self._unstarted.add(rid)
+            self._unstarted[rid] = max(1, len(req.msg.prompt_token_ids) - req.cached_estimate)
+            self._unstarted_tokens += self._unstarted[rid]
 
     def _on_update(self, update: Any, out: list[object]) -> None:
         rid = update.request_id
@@ -252,7 +271,7 @@ class Worker:
         now = self.clock()
         if not req.first_output:
             req.first_output = now
-            self._unstarted.discard(rid)
+            self._unstarted_tokens -= self._unstarted.pop(rid, 0)
         req.cached_tokens = max(req.cached_tokens, update.cached_tokens)
         req.completion_tokens = update.completion_tokens
         if update.token_ids or update.text:

@@ -86,8 +86,14 @@ class FakeEngine:
             state[2] = n = n + 1
             done = n >= spec.max_tokens
             update = RequestUpdate(
-                rid, [n], f"t{n}", done, "length" if done else None, len(prompt),
-                cached_tokens=len(prompt) // 2, completion_tokens=n,
+                rid,
+                [n],
+                f"t{n}",
+                done,
+                "length" if done else None,
+                len(prompt),
+                cached_tokens=len(prompt) // 2,
+                completion_tokens=n,
             )
             if self.with_timestamps:
                 update.queued_ts, update.scheduled_ts = 0.5, started
@@ -109,13 +115,15 @@ class FakeEngine:
         self.shut = True
 
 
-def make_worker(engine=None, clock=None, max_engine_waiting=4, num_groups=2, quota=1,
-                stats_interval_s=1000.0):
+def make_worker(
+    engine=None, clock=None, max_engine_waiting=4, num_groups=2, quota=1, stats_interval_s=1000.0
+):
     engine = engine or FakeEngine()
     return Worker(
         EngineConfig(model="fake"),
-        LocalSchedulerConfig(num_groups=num_groups, quota=quota,
-                             max_engine_waiting=max_engine_waiting),
+        LocalSchedulerConfig(
+            num_groups=num_groups, quota=quota, max_engine_waiting=max_engine_waiting
+        ),
         rank=3,
         clock=clock or FakeClock(),
         stats_interval_s=stats_interval_s,
@@ -143,7 +151,12 @@ def run_until_idle(w, limit=100):
 def test_ready_message_reports_engine_limits():
     r = make_worker().ready_message()
     assert (r.rank, r.kv_capacity_tokens, r.block_size, r.max_model_len, r.model) == (
-        3, 1024, BLOCK, 64, "fake")
+        3,
+        1024,
+        BLOCK,
+        64,
+        "fake",
+    )
 
 
 def test_bad_requests_get_request_errors_and_the_worker_keeps_serving():
@@ -174,7 +187,11 @@ def test_deltas_then_finished_with_token_accounting():
     assert [(d.token_ids, d.text) for d in deltas] == [([1], "t1"), ([2], "t2"), ([3], "t3")]
     [f] = of(Finished, out)
     assert (f.finish_reason, f.prompt_tokens, f.cached_tokens, f.completion_tokens) == (
-        "length", 8, 4, 3)
+        "length",
+        8,
+        4,
+        3,
+    )
     assert out.index(f) > out.index(deltas[-1])
 
 
@@ -193,6 +210,33 @@ def test_admission_is_paced_by_requests_not_started_in_the_engine():
     assert engine.added == ["r0", "r1", "r2", "r3"]  # r1 started in the last step
     run_until_idle(w)
     assert engine.added == [f"r{i}" for i in range(6)]
+
+
+def test_admission_fills_the_engines_next_step_within_its_token_budget_and_slots():
+    engine = FakeEngine(max_running=100)
+    engine.max_num_batched_tokens = 20  # prompts of 8 tokens: 3 fit (8, 16 < 20, then 24)
+    engine.max_num_seqs = 100
+    w = make_worker(engine, max_engine_waiting=1)
+    for i in range(8):
+        w.submit(submit(f"r{i}", max_tokens=5))
+    w.step()
+    assert engine.added == ["r0", "r1", "r2"]
+    w.step()  # all three started: a new step's budget
+    assert engine.added == [f"r{i}" for i in range(6)]
+    engine.max_num_seqs = 6  # six running: no free slot, only the max_engine_waiting one
+    w.step()
+    assert engine.added == [f"r{i}" for i in range(7)]
+
+
+def test_cached_prefix_counts_only_its_uncached_tokens_against_the_budget():
+    engine = FakeEngine(max_running=100)
+    engine.max_num_batched_tokens = 20
+    engine.max_num_seqs = 100
+    w = make_worker(engine, max_engine_waiting=1)
+    for i in range(8):
+        w.submit(submit(f"r{i}", max_tokens=5, hint=6))  # 2 tokens to compute each
+    w.step()
+    assert len(engine.added) == 8
 
 
 def test_zero_max_engine_waiting_still_admits_one_at_a_time():
@@ -303,13 +347,20 @@ def test_engine_rejection_at_admission_becomes_a_request_error():
 
 def test_load_stats_every_interval():
     clock = FakeClock()
-    w = make_worker(FakeEngine(max_running=1), clock=clock, stats_interval_s=0.5,
-                    max_engine_waiting=1)
+    w = make_worker(
+        FakeEngine(max_running=1), clock=clock, stats_interval_s=0.5, max_engine_waiting=1
+    )
     for i in range(3):
         w.submit(submit(f"r{i}", max_tokens=4))
     [s] = of(LoadStats, w.step())
     assert (s.rank, s.time, s.running, s.waiting, s.kv_usage, s.local_queue) == (
-        3, 100.0, 1, 0, 0.5, 2)
+        3,
+        100.0,
+        1,
+        0,
+        0.5,
+        2,
+    )
     assert s.prefix_cache_hit_rate == 0.25
     clock.now = 100.4
     assert of(LoadStats, w.step()) == []
