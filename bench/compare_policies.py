@@ -117,21 +117,32 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     names = [w for w in args.workloads.split(",") if w]
     jobs = [(n, args.gpus, args.duration, args.drain_frac, args.seed) for n in names]
+    rows: list[dict] = []
+    sweep: list[dict] = []
+    selected: dict[str, float] = {}
+    partial = out.with_suffix(".partial.jsonl")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text("")
+
+    def take(r: dict) -> None:
+        print("\n".join(r["lines"]), flush=True)
+        rows.extend(r["rows"])
+        sweep.extend(r["sweep"])
+        selected[r["name"]] = r["rate"]
+        with partial.open("a") as f:  # what is done survives an interrupted run
+            f.write(json.dumps(r) + "\n")
+
     if args.jobs > 1:
         from multiprocessing import Pool
 
         with Pool(min(args.jobs, len(jobs))) as pool:
-            results = pool.map(_compare_one, jobs, chunksize=1)
+            for r in pool.imap_unordered(_compare_one, jobs):
+                take(r)
     else:
-        results = [_compare_one(j) for j in jobs]
-    rows: list[dict] = []
-    sweep: list[dict] = []
-    selected: dict[str, float] = {}
-    for r in results:
-        print("\n".join(r["lines"]), flush=True)
-        rows += r["rows"]
-        sweep += r["sweep"]
-        selected[r["name"]] = r["rate"]
+        for j in jobs:
+            take(_compare_one(j))
+    order = {n: i for i, n in enumerate(names)}
+    rows.sort(key=lambda r: order[r["workload"]])
     summary = summarize(rows)
     print_summary(summary)
     out.parent.mkdir(parents=True, exist_ok=True)

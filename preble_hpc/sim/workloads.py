@@ -510,19 +510,24 @@ def spread_ticks(times: Sequence[float], rng: random.Random) -> list[float]:
 
 
 def ideal_hit_rate(requests: Iterable[SimRequest]) -> float:
-    """Share of prompt tokens that appeared before, in an earlier prompt or a cached output
-    (every repeated token reused), in arrival order."""
-    seen: set[int] = set()
+    """Share of prompt tokens a prefix cache could reuse if nothing were ever evicted: tokens of
+    pieces whose whole prefix (every piece up to and including them) appeared before, in an
+    earlier prompt or a cached output, in arrival order. A block repeated after a different
+    prefix (possible in traces) is not reusable by prefix caching and does not count."""
+    seen: set[tuple[int, int]] = set()
     total = reused = 0
     for r in sorted(requests, key=lambda r: r.arrival):
+        key = 0
         for p in r.pieces:
             total += p.n
-            if p.pid in seen:
+            node = (key, p.pid)
+            if node in seen:
                 reused += p.n
             else:
-                seen.add(p.pid)
+                seen.add(node)
+            key = hash(node)
         if r.output_piece is not None:
-            seen.add(r.output_piece.pid)
+            seen.add((key, r.output_piece.pid))
     return reused / total if total else 0.0
 
 
