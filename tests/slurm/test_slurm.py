@@ -1,0 +1,172 @@
+"""`sbatch slurm/preble.sbatch` on a real single-node Slurm started by this test (CPU settings:
+mpich wheel -> srun --mpi=pmi2, 1 + 2 tasks overcommitted on the cores, tiny model): the job
+writes preble-<jobid>.addr, serves gRPC, and on `scancel --batch --signal=TERM` (what
+`#SBATCH --signal=B:TERM@120` does before the time limit) drains the open request, stops the
+workers and ends COMPLETED with exit code 0."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from slurm_cluster import SlurmCluster, missing_tools
+
+from preble_hpc._proto import preble_pb2 as pb
+from preble_hpc._proto import preble_pb2_grpc as pb_grpc
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.mpi]
+
+ROOT = Path(__file__).resolve().parents[2]
+SBATCH = ROOT / "slurm" / "preble.sbatch"
+BATCH_SBATCH = ROOT / "slurm" / "preble-batch.sbatch"
+BIN = Path(sys.executable).parent
+ENGINE_FLAGS = "--enforce-eager --dtype float32 --kv-cache-gib 1 --seed 0 --max-model-len 1024"
+DRAIN_TOKENS = 1000
+#: CPU settings: one allocated task slot, three tasks overcommitted on it (2 cores here).
+SBATCH_ARGS = [
+    "--nodes=1",
+    "--ntasks-per-node=1",
+    "--cpus-per-task=1",
+    "--overcommit",
+    "--gres=none",
+    "--time=20",
+]
+STARTUP_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    missing = missing_tools()
+    if "slurmctld" in missing:
+        pytest.skip(
+            "slurmctld is not installed (apt-get install -y --no-install-recommends "
+            "slurmctld slurmd slurm-client; .ci/run installs it)"
+        )
+    assert not missing, f"Slurm is partly installed; missing: {missing}"
+    assert os.geteuid() == 0, "the test Slurm runs its daemons as root (SlurmUser=root)"
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_both_sbatch_scripts_are_valid_bash_with_the_same_shared_part():
+    for script in (SBATCH, BATCH_SBATCH):
+        subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+
+    def shared(path: Path) -> str:
+        text = path.read_text()
+        start = text.index("\n", text.index("-------- shared with"))
+        return text[start : text.index("-------- end of the shared part")]
+
+    assert shared(SBATCH) == shared(BATCH_SBATCH), "edit the shared part of both scripts alike"
+
+
+def _job_env(tiny_model: Path, submit_dir: Path) -> dict[str, str]:
+    return {
+        "PREBLE_MODEL": str(tiny_model),
+        "PREBLE_BIN": str(BIN / "preble-hpc"),
+        "PREBLE_MPI": "pmi2",  # the mpich wheel; Open MPI would be pmix
+        "PREBLE_GPU_BIND": "none",
+        "PREBLE_WORKERS_PER_NODE": "2",
+        "PREBLE_SRUN_ARGS": "--overcommit",
+        "PREBLE_HOST": "127.0.0.1",
+        "PREBLE_ARGS": ENGINE_FLAGS,
+        "PREBLE_DRAIN_TIMEOUT_S": "300",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "PREBLE_CONFIG": str(submit_dir / "preble.env"),
+    }
+
+
+def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_path):
+    submit_dir = tmp_path / "submit"
+    submit_dir.mkdir()
+    # Settings may also come from a config file: the policy is set only there.
+    (submit_dir / "preble.env").write_text("PREBLE_POLICY=e2\n")
+    job = slurm.sbatch(SBATCH, SBATCH_ARGS, cwd=submit_dir, env=_job_env(tiny_model, submit_dir))
+    addr_file = submit_dir / f"preble-{job}.addr"
+    logs = submit_dir / f"preble-{job}.logs"
+    out = submit_dir / f"preble-{job}.out"
+
+    def report() -> str:
+        parts = [
+            f"--- {p.name} ---\n{p.read_text(errors='replace')[-4000:]}"
+            for p in [out, *sorted(logs.glob("rank-*.log"))]
+            if p.exists()
+        ]
+        return "\n".join(parts) + f"\n{slurm.job_info(job)}\n{slurm.daemon_logs()}"
+
+    try:
+        try:
+            slurm.wait_for(
+                lambda: addr_file.exists() or slurm.job_done(job),
+                STARTUP_TIMEOUT_S,
+                "the address file",
+                interval_s=0.5,
+            )
+        except TimeoutError:
+            pytest.fail(f"no address file after {STARTUP_TIMEOUT_S} s\n{report()}")
+        assert addr_file.exists(), f"the job ended before serving\n{report()}"
+        addr = addr_file.read_text().strip()
+        assert addr.startswith("127.0.0.1:"), addr
+
+        with grpc.insecure_channel(addr) as channel:
+            stub = pb_grpc.PrebleStub(channel)
+            for i in range(4):
+                final = list(
+                    stub.Generate(
+                        pb.GenerateRequest(
+                            prompt=f"slurm request {i}", sampling=pb.SamplingParams(max_tokens=4)
+                        ),
+                        timeout=120,
+                    )
+                )[-1].final
+                assert final.rank in (1, 2) and final.usage.completion_tokens >= 1
+            stats = stub.GetStats(pb.GetStatsRequest(), timeout=30)
+            assert [r.rank for r in stats.ranks] == [1, 2] and stats.policy == "e2"
+
+            # An open request when the stop signal comes must still finish in full.
+            # (long enough to outlast the signal's trip: scancel -> slurmctld -> batch shell)
+            stream = stub.Generate(
+                pb.GenerateRequest(
+                    prompt="drain me",
+                    sampling=pb.SamplingParams(max_tokens=DRAIN_TOKENS, ignore_eos=True),
+                ),
+                timeout=600,
+            )
+            first = next(stream)
+            slurm.scancel("--batch", "--signal=TERM", job)
+            rest = list(stream)
+        n_tokens = len(first.delta.token_ids) + sum(len(r.delta.token_ids) for r in rest)
+        assert rest[-1].final.finish_reason == "length" and n_tokens == DRAIN_TOKENS
+
+        slurm.wait_for(lambda: slurm.job_done(job), 300, "the job to end", interval_s=0.5)
+        info = slurm.job_info(job)
+        assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", report()
+        rank0 = (logs / "rank-0.log").read_text(errors="replace")
+        assert "draining: health NOT_SERVING, 1 request(s) open" in rank0, report()
+        assert "drained: all 1 open request(s) finished" in rank0, report()
+        assert "exited with code 0" in out.read_text(), report()
+        assert not addr_file.exists()
+        assert {p.name for p in logs.glob("rank-*.log")} == {
+            "rank-0.log",
+            "rank-1.log",
+            "rank-2.log",
+        }
+    finally:
+        if not slurm.job_done(job):
+            subprocess.run(["scancel", job], env=slurm.env, timeout=30, check=False)
+            try:
+                slurm.wait_for(lambda: slurm.job_done(job), 90, "the cancelled job to end")
+            except (TimeoutError, RuntimeError):
+                pass
+        if os.environ.get("PREBLE_KEEP_SLURM_LOGS"):
+            shutil.copytree(submit_dir, Path(os.environ["PREBLE_KEEP_SLURM_LOGS"]) / job)
