@@ -3,7 +3,7 @@
     python bench/e2e_batch.py [--model models/tiny-llama] [--workers 2] [--json out.json]
 
 Writes a prompt file of ``--groups`` long shared system prompts with ``--per-group`` questions
-each (interleaved, so that consecutive requests belong to different groups), runs
+each, in a seeded random order, runs
 ``mpiexec -n W+1 preble-hpc batch`` once per policy on CPU, and prints each run's throughput and
 prefix-cache hit rate from the batch summary (its clock starts after every engine is ready, so
 engine start-up is not counted).
@@ -40,24 +40,26 @@ def make_workload(
         while sum(len(w) + 1 for w in words) < prefix_chars:
             words.append(rng.choice(WORDS))
         systems.append(f"System prompt {g}: " + " ".join(words))
+    rows = []
+    for q in range(per_group):
+        for g in range(groups):
+            question = " ".join(rng.choice(WORDS) for _ in range(12))
+            rows.append(
+                {
+                    "id": f"g{g}-q{q}",
+                    "messages": [
+                        {"role": "system", "content": systems[g]},
+                        {"role": "user", "content": f"Question {q}: {question}?"},
+                    ],
+                    "max_tokens": max_tokens,
+                    "ignore_eos": True,
+                }
+            )
+    # Arrival order is random: a fixed interleaving (g0, g1, ... g7, g0, ...) would hand round
+    # robin perfect locality whenever the number of groups is a multiple of the worker count.
+    rng.shuffle(rows)
     with path.open("w") as f:
-        for q in range(per_group):
-            for g in range(groups):
-                question = " ".join(rng.choice(WORDS) for _ in range(12))
-                f.write(
-                    json.dumps(
-                        {
-                            "id": f"g{g}-q{q}",
-                            "messages": [
-                                {"role": "system", "content": systems[g]},
-                                {"role": "user", "content": f"Question {q}: {question}?"},
-                            ],
-                            "max_tokens": max_tokens,
-                            "ignore_eos": True,
-                        }
-                    )
-                    + "\n"
-                )
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     return groups * per_group
 
 
