@@ -19,6 +19,7 @@ from preble_hpc.config import (
     RuntimeConfig,
     SchedulerConfig,
 )
+from preble_hpc.rank0_scheduler.cost_model import load_profile
 from preble_hpc.rank0_scheduler.policy import check_policy_name
 
 
@@ -181,7 +182,9 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
     if getattr(args, _dest(EngineConfig, _ENGINE_FLAGS[0])) is None:
         raise ConfigError("--model PATH is required (a local HF model folder)")
     engine, scheduler, local, runtime = (_build(cls, flags, args) for _, cls, flags in _GROUPS)
-    check_policy_name(scheduler.policy)  # on every rank, before any engine starts
+    # Rank 0's scheduler would find these only after every engine started: check them now.
+    check_policy_name(scheduler.policy)
+    load_profile(scheduler.profile)
     if args.startup_timeout_s <= 0 or args.shutdown_timeout_s <= 0:
         raise ConfigError("--startup-timeout-s and --shutdown-timeout-s must be > 0")
     return JobConfig(

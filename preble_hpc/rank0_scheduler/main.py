@@ -193,19 +193,20 @@ class Rank0Runtime:
         ``RequestError(kind="resource_exhausted")``; callers that prefer to wait (batch) check
         ``has_room()`` first. Thread-safe."""
         arrival = self._clock()
-        if self._closed:  # no loop left to deliver on: answer on the caller's thread
+        with self._slots_lock:  # against shutdown: a command is queued before it closes or never
+            closed = self._closed
+            if not closed:
+                admitted = self._admitted < self._config.max_inflight
+                if admitted:
+                    self._admitted += 1
+                self._commands.put(("submit" if admitted else "reject", req, sink, arrival, stream))
+        if closed:  # no loop left to deliver on: answer on the caller's thread
             sink(
                 self._event(
                     _Live(req, sink, arrival, stream),
                     _error(req.request_id, "unavailable", "the runtime is shut down"),
                 )
             )
-            return
-        with self._slots_lock:
-            admitted = self._admitted < self._config.max_inflight
-            if admitted:
-                self._admitted += 1
-        self._commands.put(("submit" if admitted else "reject", req, sink, arrival, stream))
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its sink gets ``RequestError(kind="cancelled")``. Thread-safe."""
@@ -286,8 +287,9 @@ class Rank0Runtime:
         workers abort them. Returns False if some worker did not confirm in ``timeout_s``."""
         if self._closed:
             return True
-        self._closed = True
-        self._drain_commands()
+        with self._slots_lock:
+            self._closed = True
+        self._drain_commands()  # every submit queued before closing: failed as unavailable
         if not drain:
             for live in list(self._live.values()):
                 self._fail(

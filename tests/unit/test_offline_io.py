@@ -387,6 +387,8 @@ def test_batch_flag_errors_fail_before_any_engine(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["--model", "m", "--input", str(f), "--output", "o", "--policy", "nope"]) == 2
     assert "round_robin" in capsys.readouterr().err
+    assert main(["--model", "m", "--input", str(f), "--output", "o", "--profile", "nope"]) == 2
+    assert "profile" in capsys.readouterr().err
     assert main(["--model", "m", "--input", str(f), "--output", "o", "--max-num-seqs", "0"]) == 2
     assert "max_num_seqs must be > 0" in capsys.readouterr().err
 
