@@ -33,6 +33,16 @@ $(MODEL)/config.json: | install
 test: install $(MODEL)/config.json
 	PREBLE_TINY_MODEL=$(abspath $(MODEL)) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+DEMO_OUT ?= .cache/demo-output.jsonl
+
+# Offline batch over examples/prompts.jsonl on 1+2 MPI ranks (rank 0 schedules, 2 vLLM workers).
+demo: install $(MODEL)/config.json
+	@mkdir -p $(dir $(DEMO_OUT)) && rm -f $(DEMO_OUT)
+	VLLM_CPU_KVCACHE_SPACE=1 VLLM_LOGGING_LEVEL=ERROR $(BIN)/mpiexec -n 3 $(BIN)/preble-hpc batch \
+	    --model $(MODEL) --input examples/prompts.jsonl --output $(DEMO_OUT) \
+	    --enforce-eager --kv-cache-gib 1 --echo --no-progress
+	@echo "results (one JSON line per request): $(DEMO_OUT)"
+
 test-fast: install
 	$(BIN)/python -m pytest tests/unit
 

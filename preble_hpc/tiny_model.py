@@ -59,7 +59,7 @@ def make_tiny_model(out_dir: str | Path, *, seed: int = 0, layers: int = 2, hidd
         max_position_embeddings=max_positions,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        dtype="float32",
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
