@@ -9,10 +9,15 @@ In-process mode runs rank 0 for real (Rank0Runtime + GlobalScheduler + IngressSe
 threads as `preble-hpc serve`) over an in-memory transport to worker threads whose fake engine
 answers every request at once (one token per step), so the numbers are rank 0's own cost:
 
-- ``direct``: a client thread calls ``Rank0Runtime.submit`` and waits for the final event;
-- ``grpc x1``: the same requests, one at a time, through the ingress over localhost;
+- ``direct``: a client thread tokenizes, calls ``Rank0Runtime.submit`` and waits for the final
+  event;
+- ``grpc x1``: the same requests, one at a time, through the ingress over localhost (a client
+  thread in this process, so it competes with rank 0 for the GIL: conservative; the three
+  one-at-a-time modes are interleaved request by request so they see the same background load);
   ``ingress overhead`` = p50(grpc x1) - p50(direct): validation, tokenization, protobuf, the
   asyncio hop and HTTP/2 on localhost (target: under 1 ms);
+- ``grpc floor x1``: the same client against a no-op servicer: Python gRPC's own cost per
+  request on this machine, the part of the overhead no ingress code can remove;
 - ``grpc xC``: C concurrent streaming clients (grpc.aio, in a separate process so they do not
   share rank 0's GIL): requests/s and TTFT/latency percentiles;
 - ``mpi grpc xC`` (``--mpi``): the same load against `mpiexec -n W+1` serve whose workers answer
@@ -218,32 +223,108 @@ def _tokenizer():
     return tok
 
 
-def run_direct(r0: InProcessRank0, texts: list[str], max_tokens: int) -> dict:
-    """Tokenize + submit + wait for the final event, one request at a time, no gRPC."""
+class FloorServer:
+    """A servicer that does no work (one delta and the final per request, as the ingress sends
+    when the output arrives at once), on its own asyncio thread like the ingress: what Python
+    gRPC itself costs per request here, whoever implements the service."""
+
+    def __init__(self, max_tokens: int) -> None:
+        import grpc
+
+        from preble_hpc._proto import preble_pb2 as pb
+        from preble_hpc._proto import preble_pb2_grpc as pb_grpc
+
+        class Echo(pb_grpc.PrebleServicer):
+            async def Generate(self, request, context):
+                ids = [7] * max_tokens
+                yield pb.GenerateResponse(delta=pb.Delta(text="x" * max_tokens, token_ids=ids))
+                yield pb.GenerateResponse(final=pb.Final(finish_reason="length"))
+
+        ready = threading.Event()
+
+        async def serve() -> None:
+            server = grpc.aio.server()
+            pb_grpc.add_PrebleServicer_to_server(Echo(), server)
+            self.port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            self._stop = asyncio.Event()
+            ready.set()
+            await self._stop.wait()
+            await server.stop(0)
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_until_complete, args=(serve(),), daemon=True
+        )
+        self._thread.start()
+        ready.wait(30)
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def run_sequential(
+    r0: InProcessRank0, floor: FloorServer, texts: list[str], max_tokens: int
+) -> list[dict]:
+    """One request at a time, interleaving direct / through the ingress / against the no-op
+    servicer, so all three see the same background load (this box is shared)."""
+    import grpc
+
+    from preble_hpc._proto import preble_pb2 as pb
+    from preble_hpc._proto import preble_pb2_grpc as pb_grpc
     from preble_hpc.messages import SamplingSpec, TokenDelta
     from preble_hpc.rank0_scheduler.main import ClientRequest
 
-    ttft, lat = [], []
-    start = time.perf_counter()
-    for i, text in enumerate(texts):
+    def direct(i: int, text: str) -> tuple[float, float]:
         done = threading.Event()
         first: list[float] = []
-        t0 = time.perf_counter()
 
-        def sink(event, first=first, done=done):
+        def sink(event):
             if isinstance(event, TokenDelta):
                 if not first:
                     first.append(time.perf_counter())
             else:
                 done.set()
 
+        t0 = time.perf_counter()
         ids = r0.tokenizer.encode(text)
         r0.rt.submit(ClientRequest(f"d{i}", ids, SamplingSpec(max_tokens=max_tokens)), sink)
         done.wait(10)
         t1 = time.perf_counter()
-        lat.append(t1 - t0)
-        ttft.append((first[0] if first else t1) - t0)
-    return summarize("direct", 1, time.perf_counter() - start, ttft, lat)
+        return (first[0] if first else t1) - t0, t1 - t0
+
+    def via(stub) -> object:
+        def call(i: int, text: str) -> tuple[float, float]:
+            req = pb.GenerateRequest(prompt=text, sampling=pb.SamplingParams(max_tokens=max_tokens))
+            t0 = time.perf_counter()
+            first = None
+            for r in stub.Generate(req, timeout=30):
+                if first is None and r.HasField("delta"):
+                    first = time.perf_counter()
+            t1 = time.perf_counter()
+            return (first or t1) - t0, t1 - t0
+
+        return call
+
+    channels = [grpc.insecure_channel(f"127.0.0.1:{p}") for p in (r0.port, floor.port)]
+    modes = {
+        "direct": direct,
+        "grpc x1": via(pb_grpc.PrebleStub(channels[0])),
+        "grpc floor x1": via(pb_grpc.PrebleStub(channels[1])),
+    }
+    names = list(modes)
+    samples: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
+    for i, text in enumerate(texts):
+        for k in range(len(names)):
+            name = names[(i + k) % len(names)]  # rotate the order: no mode always goes first
+            ttft, lat = modes[name](i, text)
+            samples[name][0].append(ttft)
+            samples[name][1].append(lat)
+    for ch in channels:
+        ch.close()
+    # each row's req/s is 1 / its own mean latency (the modes share one wall clock)
+    return [summarize(n, 1, sum(samples[n][1]), *samples[n]) for n in names]
 
 
 # ---------------------------------------------------------------------------- gRPC load client
@@ -301,6 +382,14 @@ def _load_entry(addr: str, texts: list[str], clients: int, max_tokens: int) -> d
 
 
 # ---------------------------------------------------------------------------- main
+
+
+def _mean_handler_us(r0: InProcessRank0) -> float:
+    """Mean seconds the ingress handler spent before handing a request to the runtime
+    (validation + tokenization), from its own Prometheus histogram, in microseconds."""
+    hist = r0.server.metrics.ingress
+    count = sum(b.get() for b in hist._buckets)
+    return hist._sum.get() / count * 1e6 if count else float("nan")
 
 
 def print_table(rows: list[dict], overhead_ms: float | None) -> None:
@@ -422,34 +511,42 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict] = []
     overhead = None
+    handler_us = None
     if args.addr:
         rows.append(
             _load_in_subprocess(args.addr, prompts(args.requests), args.clients, args.max_tokens)
         )
     else:
         r0 = InProcessRank0(args.workers, args.policy, args.max_inflight)
+        floor = FloorServer(args.max_tokens)
         try:
             addr = f"127.0.0.1:{r0.port}"
-            warm = prompts(50, seed=9)
-            run_direct(r0, warm, args.max_tokens)
-            _load_in_subprocess(addr, warm, 1, args.max_tokens)
-            seq = prompts(args.sequential, seed=1)
-            direct = run_direct(r0, seq, args.max_tokens)
-            one = _load_in_subprocess(addr, seq, 1, args.max_tokens)
+            run_sequential(r0, floor, prompts(50, seed=9), args.max_tokens)  # warm up
+            seq = run_sequential(r0, floor, prompts(args.sequential, seed=1), args.max_tokens)
+            handler_us = _mean_handler_us(r0)
             many = _load_in_subprocess(
                 addr, prompts(args.requests, seed=2), args.clients, args.max_tokens
             )
-            rows = [direct, one, many]
-            overhead = one["latency_p50_ms"] - direct["latency_p50_ms"]
+            rows = [*seq, many]
+            overhead = seq[1]["latency_p50_ms"] - seq[0]["latency_p50_ms"]
         finally:
+            floor.close()
             r0.close()
         if args.mpi:
             rows.append(run_mpi(args))
     print_table(rows, overhead)
+    if handler_us is not None:
+        print(f"ingress handler before submit (validate + tokenize), mean: {handler_us:.0f} us")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"rows": rows, "ingress_overhead_p50_ms": overhead, "args": vars(args)}, indent=2
+                {
+                    "rows": rows,
+                    "ingress_overhead_p50_ms": overhead,
+                    "ingress_handler_mean_us": handler_us,
+                    "args": vars(args),
+                },
+                indent=2,
             )
         )
     return 0

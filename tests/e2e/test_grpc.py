@@ -286,6 +286,7 @@ def test_client_deadline_is_deadline_exceeded_and_aborts_the_request(server):
 
 
 def test_in_flight_limit_is_resource_exhausted(server):
+    wait_idle(server)
     streams = [
         server.stub.Generate(
             pb.GenerateRequest(prompt=f"hold {i}", sampling=pb.SamplingParams(**LONG)), timeout=300
@@ -295,6 +296,8 @@ def test_in_flight_limit_is_resource_exhausted(server):
     try:
         for s in streams:
             next(s)
+        st = stats(server)
+        assert st.in_flight == MAX_INFLIGHT, f"the held requests are not all in flight: {st}"
         err = rpc_error(lambda: generate(server.stub, prompt="one too many"))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_inflight" in err.details()

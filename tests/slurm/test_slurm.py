@@ -6,6 +6,7 @@ workers and ends COMPLETED with exit code 0."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -170,3 +171,34 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
                 pass
         if os.environ.get("PREBLE_KEEP_SLURM_LOGS"):
             shutil.copytree(submit_dir, Path(os.environ["PREBLE_KEEP_SLURM_LOGS"]) / job)
+
+
+def test_batch_job_writes_every_result_and_completes(slurm, tiny_model, tmp_path):
+    submit_dir = tmp_path / "submit"
+    submit_dir.mkdir()
+    (submit_dir / "preble.env").write_text("PREBLE_POLICY=e2\n")
+    prompts = submit_dir / "prompts.txt"
+    prompts.write_text("".join(f"batch prompt number {i}\n" for i in range(6)))
+    env = {
+        **_job_env(tiny_model, submit_dir),
+        "PREBLE_INPUT": str(prompts),
+        "PREBLE_ARGS": f"{ENGINE_FLAGS} --max-tokens 8",
+    }
+    job = slurm.sbatch(BATCH_SBATCH, SBATCH_ARGS, cwd=submit_dir, env=env)
+    out = submit_dir / f"preble-batch-{job}.out"
+    try:
+        slurm.wait_for(
+            lambda: slurm.job_done(job), STARTUP_TIMEOUT_S, "the batch job to end", interval_s=1.0
+        )
+    finally:
+        if not slurm.job_done(job):
+            subprocess.run(["scancel", job], env=slurm.env, timeout=30, check=False)
+    info = slurm.job_info(job)
+    log = out.read_text(errors="replace") if out.exists() else "(no job output)"
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", log
+    results = [
+        json.loads(line) for line in (submit_dir / "prompts.results.jsonl").read_text().splitlines()
+    ]
+    assert sorted(r["id"] for r in results) == [f"line-{i}" for i in range(1, 7)]
+    assert all(r["completion_tokens"] >= 1 and r["rank"] in (1, 2) for r in results)
+    assert (submit_dir / f"preble-{job}.logs" / "summary.json").exists()
