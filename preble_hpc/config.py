@@ -105,12 +105,13 @@ class SchedulerConfig:
     profile: str = "llama3-8b-h100"
     """Cost-model profile name (``preble_hpc/profiles/NAME.json``) or a path to a profile file."""
     rebalance_ratio: float = 1.5
-    """Rebalance when the heaviest rank's load exceeds the lightest's by this factor."""
+    """E2 rebalances an exploit to a rank whose prefill backlog is below the chosen holder's by
+    this factor (and only if the request's latency cost is lower there)."""
     replicate_load_ratio: float = 2.0
-    """Replicate a hot prefix when its holders' load exceeds the mean by this factor."""
+    """Replicate a hot prefix when its holders' prefill backlog exceeds the mean by this factor."""
     decode_heavy_hit_ratio: float = 0.7
     """A rank whose windowed hit ratio is at least this is decode-heavy and takes prefill-heavy
-    new prompts when exploring."""
+    new prompts when exploring, if it costs no more than the cheapest rank."""
     tree_capacity_tokens: int = 4_000_000
     """Cap of the global radix tree in tokens; least-recently-used nodes no rank holds go first."""
     online_fit: bool = True

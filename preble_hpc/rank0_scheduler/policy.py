@@ -5,7 +5,8 @@ cost model's estimates for this request) and returns a ``Decision``. E2 is a pur
 input and the config; baselines that keep a cursor (round robin) are small objects. The scheduler
 (``scheduler.py``) builds the input; this module never touches the tree, the clock or the network.
 
-Units: every cost E2 compares is GPU time in seconds (load ``L``, eviction ``M``, prefill ``P``).
+Units: every cost E2 compares is seconds of request latency (see ``e2``): the wait behind a
+rank's prefill backlog ``L``, eviction ``M``, prefill ``P``, plus the stall and decode terms.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "check_policy_name",
     "make_policy",
     "e2",
+    "e2_load",
     "explore_cost",
     "cheapest",
 ]
@@ -105,6 +107,17 @@ class PolicyInput:
     """P_i: prefill time of this request's missing tokens on rank i."""
     eviction_cost: Callable[[int], float]
     """M_i: cost of the KV rank i must evict to fit this request."""
+    backlog: Mapping[int, float] | None = None
+    """E2's load: seconds of prefill placed on the rank that has not produced a first token yet
+    (the wait a new request queues behind). ``None``: the windowed ``load`` stands in."""
+    decoding: Mapping[int, int] | None = None
+    """Requests on the rank past their first token (the batch a new prefill stalls). ``None``: 0."""
+    prefill_overhead: float = 0.0
+    """The fixed per-prefill part of ``P`` (launch, sampling): a prefill chunk that rides in a
+    running batch's step adds only the rest to that step, so the stall counts ``P - overhead``."""
+    decode_cost: Callable[[int], float] | None = None
+    """D_i: this request's decode time on rank i plus what its decoding adds to the sequences
+    already there. ``None``: 0."""
 
     _holders: list[int] | None = field(default=None, init=False, repr=False)
 
@@ -130,20 +143,37 @@ class Policy:
 # ---------------------------------------------------------------------- E2
 
 
+def e2_load(inp: PolicyInput, rank: int) -> float:
+    """E2's load ``L`` of a rank: the prefill backlog a new request waits behind (seconds)."""
+    backlog = inp.backlog
+    return (backlog if backlog is not None else inp.load)[rank]
+
+
 def explore_cost(inp: PolicyInput, rank: int) -> float:
-    """``L + M + P`` of placing the request on ``rank`` (GPU seconds)."""
-    return inp.load[rank] + inp.eviction_cost(rank) + inp.prefill_cost(rank)
+    """``L + M + P`` of placing the request on ``rank``, in seconds of latency (see ``e2``)."""
+    decoding, decode = inp.decoding, inp.decode_cost
+    stalled = decoding[rank] if decoding is not None else 0
+    p = inp.prefill_cost(rank)
+    cost = e2_load(inp, rank) + inp.eviction_cost(rank) + p + (p - inp.prefill_overhead) * stalled
+    return cost + decode(rank) if decode is not None else cost
 
 
 def cheapest(inp: PolicyInput, candidates: Iterable[int]) -> tuple[int | None, float]:
-    """The candidate with the lowest ``L + M + P`` and that cost (ties: fewest in flight, then
-    lowest rank); ``(None, inf)`` for no candidates. ``M`` (the only term that may walk the tree)
-    is computed only for ranks whose ``L + P`` alone does not already lose."""
-    load, evict, prefill, in_flight = inp.load, inp.eviction_cost, inp.prefill_cost, inp.in_flight
+    """The candidate with the lowest ``L + M + P`` (``explore_cost``) and that cost (ties: fewest
+    in flight, then lowest rank); ``(None, inf)`` for no candidates. ``M`` (the only term that may
+    walk the tree) is computed only for ranks whose ``L + P`` alone does not already lose."""
+    load = inp.backlog if inp.backlog is not None else inp.load
+    decoding, decode = inp.decoding, inp.decode_cost
+    evict, prefill, in_flight = inp.eviction_cost, inp.prefill_cost, inp.in_flight
+    overhead = inp.prefill_overhead
     best: int | None = None
     best_cost = math.inf
     for r in candidates:
-        base = load[r] + prefill(r)
+        stalled = decoding[r] if decoding is not None else 0
+        p = prefill(r)
+        base = load[r] + p + (p - overhead) * stalled
+        if decode is not None:
+            base += decode(r)
         if base > best_cost:
             continue
         c = base + evict(r)
@@ -158,17 +188,27 @@ def cheapest(inp: PolicyInput, candidates: Iterable[int]) -> tuple[int | None, f
 
 def e2(inp: PolicyInput, config: SchedulerConfig) -> Decision:
     """Preble's E2 (Srivatsa et al., "Preble: Efficient Distributed Prompt Scheduling for LLM
-    Serving", ICLR 2025, Sec. 4 / Algorithm 1), with the paper's costs that its code leaves out.
+    Serving", ICLR 2025, Sec. 4 / Algorithm 1), with every cost in seconds of request latency::
 
-    - EXPLOIT when ``cached > missing``: the prefix is worth more than the load; among the ranks
-      holding the longest prefix take the cheapest by ``L + M + P``.
-    - EXPLORE otherwise: the rank minimising ``L + M + P`` over all ranks, where ``P`` is the
-      prefill of the tokens *that* rank lacks (Preble's code has no such term), ``M`` the hit-
-      weighted recompute cost of what it would evict, ``L`` its windowed load.
-    - Prefill/decode balance (paper Sec. 4.2): when exploring, a decode-heavy rank (its own
-      windowed hit ratio >= ``config.decode_heavy_hit_ratio``) takes the prefill-heavy prompt, as
-      long as its cost stays within ``config.rebalance_ratio`` of the cheapest rank (beyond that
-      the imbalance rule would move the request back anyway).
+        L + M + P  =  W_i                      wait behind the rank's queued/running prefill
+                    + M_i                      hit-weighted recompute of what it must evict
+                    + P_i                      prefill of the tokens rank i lacks
+                    + (P_i - overhead) * B_i   the stall that prefill causes to the B_i
+                                               sequences decoding there (chunked prefill)
+                    + D_i                      its own decode there + the step time it adds
+
+    The paper's ``L`` (GPU seconds in a 3-minute window, decode at its marginal cost) sees neither
+    a rank's backlog nor the stall; in the simulator it made E2 spread prefixes and lose to llm-d /
+    SGLang by 2-3x on long prompts. ``W`` replaces it when the scheduler supplies ``backlog``.
+
+    - EXPLOIT when ``cached > missing``: the holder of the longest prefix with the lowest cost.
+      (The rebalancer moves it to a non-holder only when that is cheaper by the same measure,
+      i.e. when the holder's backlog exceeds the prefill of the missing tokens elsewhere.)
+    - EXPLORE otherwise: the rank with the lowest cost over all ranks.
+    - Prefill/decode balance (paper Sec. 4.2): the cost already prices it (a decode-heavy rank has
+      no prefill backlog; a prefill beside many decodes stalls them), so a decode-heavy rank
+      (windowed hit ratio >= ``config.decode_heavy_hit_ratio``) takes the prefill-heavy prompt
+      when it costs no more than the cheapest rank (a tie-break; a 1.5x allowance measured worse).
     """
     prompt = inp.prompt_tokens
     cached = inp.cached
@@ -190,7 +230,7 @@ def e2(inp: PolicyInput, config: SchedulerConfig) -> Decision:
     decode_heavy = [r for r in inp.ranks if inp.hit_ratio.get(r, 0.0) >= threshold and r != rank]
     if decode_heavy and inp.hit_ratio.get(rank, 0.0) < threshold:
         alt, alt_cost = cheapest(inp, decode_heavy)
-        if alt is not None and alt_cost <= config.rebalance_ratio * cost:
+        if alt is not None and alt_cost <= cost:
             return Decision(
                 alt,
                 DecisionKind.EXPLORE,

@@ -61,8 +61,9 @@ class Rebalancer:
         """``("load" | "ttft", reason)`` when every holder is overloaded, else None."""
         cfg = self.config
         ranks = inp.ranks
-        mean = sum(map(inp.load.__getitem__, ranks)) / len(ranks)
-        if mean > 0.0 and all(inp.load[h] > cfg.replicate_load_ratio * mean for h in holders):
+        load = inp.backlog if inp.backlog is not None else inp.load
+        mean = sum(load[r] for r in ranks) / len(ranks)
+        if mean > 0.0 and all(load[h] > cfg.replicate_load_ratio * mean for h in holders):
             return "load", f"holders' load > {cfg.replicate_load_ratio} x mean {mean:.3f}s"
         if all(ttft_growth(h) >= cfg.replicate_ttft_growth for h in holders):
             return "ttft", f"holders' TTFT grew >= {cfg.replicate_ttft_growth}x over the window"
@@ -114,15 +115,16 @@ class Rebalancer:
 
     def _rebalance(self, d: Decision, inp: PolicyInput, chosen_cost: float) -> Decision:
         ratio = self.config.rebalance_ratio
-        load = inp.load
-        heavy = load[d.rank]
-        light = min(inp.ranks, key=load.__getitem__)
+        chosen = d.rank
+        load = inp.backlog if inp.backlog is not None else inp.load
+        heavy = load[chosen]
+        # Only ranks lighter than heavy / ratio may take the request: usually none (the chosen
+        # holder has no backlog), so most decisions never price another rank.
+        bound = heavy / ratio
+        light, alt_cost = cheapest(inp, (r for r in inp.ranks if load[r] < bound))
+        if light is None or alt_cost >= chosen_cost:
+            return d
         lightest = load[light]
-        if heavy <= ratio * lightest:
-            return d
-        alt_cost = explore_cost(inp, light)
-        if alt_cost >= chosen_cost:
-            return d
         return Decision(
             light,
             DecisionKind.REBALANCE,

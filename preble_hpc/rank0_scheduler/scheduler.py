@@ -61,6 +61,7 @@ class _Request:
     new_tokens: int
     blocks: int
     max_tokens: int
+    prefill_s: float
     prefilling: bool = True
 
 
@@ -119,6 +120,11 @@ class GlobalScheduler:
         self._block_size: dict[int, int] = {}
         self._active_prefill: dict[int, int] = {}
         self._active_blocks: dict[int, int] = {}
+        # E2's latency measure: estimated prefill seconds queued or running on each rank (placed,
+        # no first token yet), how many requests that is, and how many are decoding.
+        self._backlog: dict[int, float] = {}
+        self._prefilling: dict[int, int] = {}
+        self._decoding: dict[int, int] = {}
         self._has_stats: set[int] = set()
         # Mean completion / max_tokens of finished requests (output length estimate), smoothed with
         # the cost fit's forgetting factor.
@@ -146,6 +152,9 @@ class GlobalScheduler:
         self._block_size.setdefault(rank, DEFAULT_BLOCK_SIZE)
         self._active_prefill[rank] = 0
         self._active_blocks[rank] = 0
+        self._backlog[rank] = 0.0
+        self._prefilling[rank] = 0
+        self._decoding[rank] = 0
         self.loads.add_rank(rank)
 
     def on_worker_ready(self, msg: WorkerReady) -> None:
@@ -171,6 +180,9 @@ class GlobalScheduler:
             self._kv_usage,
             self._active_prefill,
             self._active_blocks,
+            self._backlog,
+            self._prefilling,
+            self._decoding,
         ):
             del table[rank]
         self._has_stats.discard(rank)
@@ -188,6 +200,9 @@ class GlobalScheduler:
         held = self.tree.held_tokens
         tree_eviction_cost = self.tree.eviction_cost
         recompute_s = self.cost.recompute_s
+        in_flight = self._in_flight
+        out_tokens = max(1, round(max_tokens * self._out_ratio))
+        step_base, per_seq = self.cost.decode_step_base_s, self.cost.decode_step_per_seq_s
 
         def prefill_cost(rank: int) -> float:
             c = per_rank.get(rank, 0)
@@ -204,6 +219,11 @@ class GlobalScheduler:
             if need <= 0:
                 return 0.0
             return tree_eviction_cost(rank, need, recompute_s, now, keep=m)
+
+        def decode_cost(rank: int) -> float:
+            # Its own steps in a batch one larger (step_s(b + 1)), plus one more sequence in each
+            # of the b steps it shares.
+            return out_tokens * (step_base + per_seq * (2 * in_flight[rank] + 1))
 
         return PolicyInput(
             ranks=self._live,
@@ -222,6 +242,10 @@ class GlobalScheduler:
             active_blocks=self._active_blocks,
             prefill_cost=prefill_cost,
             eviction_cost=eviction_cost,
+            backlog=self._backlog,
+            decoding=self._decoding,
+            decode_cost=decode_cost,
+            prefill_overhead=self.cost.prefill_base_s,
         )
 
     def schedule(self, request_id: str, token_ids: Sequence[int], max_tokens: int) -> Decision:
@@ -246,16 +270,17 @@ class GlobalScheduler:
         rank = d.rank
         cached = m.per_rank.get(rank, 0)
         new_tokens = n - cached
-        estimate = inp.prefill_cost(rank) + self.cost.decode_s(
-            max(1, round(max_tokens * self._out_ratio))
-        )
+        prefill = inp.prefill_cost(rank)
+        estimate = prefill + self.cost.decode_s(max(1, round(max_tokens * self._out_ratio)))
         if n:
             self.tree.record_hit(m, now)
             self.tree.hold(token_ids, rank, now, m)
         self.loads.add(request_id, rank, estimate, n, cached)
         blocks = -(-n // self._block_size[rank])
-        self._requests[request_id] = _Request(rank, now, n, new_tokens, blocks, max_tokens)
+        self._requests[request_id] = _Request(rank, now, n, new_tokens, blocks, max_tokens, prefill)
         self._in_flight[rank] += 1
+        self._backlog[rank] += prefill
+        self._prefilling[rank] += 1
         self._active_prefill[rank] += new_tokens
         self._active_blocks[rank] += blocks
         self.decisions[d.kind.value] += 1
@@ -269,8 +294,14 @@ class GlobalScheduler:
     def _end_prefill(self, req: _Request) -> None:
         if req.prefilling:
             req.prefilling = False
-            if req.rank in self._active_prefill:
-                self._active_prefill[req.rank] -= req.new_tokens
+            rank = req.rank
+            if rank in self._active_prefill:
+                self._active_prefill[rank] -= req.new_tokens
+                left = self._prefilling[rank] - 1
+                self._prefilling[rank] = left
+                # Reset when empty, so float drift never accumulates.
+                self._backlog[rank] = self._backlog[rank] - req.prefill_s if left else 0.0
+                self._decoding[rank] += 1
 
     def _release(self, request_id: str) -> _Request | None:
         req = self._requests.pop(request_id, None)
@@ -278,6 +309,7 @@ class GlobalScheduler:
             return None
         self._end_prefill(req)
         if req.rank in self._in_flight:
+            self._decoding[req.rank] -= 1
             self._in_flight[req.rank] -= 1
             self._active_blocks[req.rank] -= req.blocks
         return req
@@ -368,6 +400,8 @@ class GlobalScheduler:
             ranks[str(r)] = {
                 "load_s": round(self.loads.load(r, now), 6),
                 "in_flight": self._in_flight[r],
+                "prefill_backlog_s": round(self._backlog[r], 6),
+                "decoding": self._decoding[r],
                 "hit_ratio": round(self.loads.hit_ratio(r, now), 6),
                 "miss_rate": round(self.loads.miss_rate(r, now), 6),
                 "requests_in_window": self.loads.requests_in_window(r, now),

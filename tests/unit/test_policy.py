@@ -95,21 +95,54 @@ def test_e2_explore_new_request_term_prefers_the_rank_missing_fewer_tokens():
     assert e2(inp, CFG).rank == 3
 
 
-def test_e2_decode_heavy_rank_takes_the_prefill_heavy_prompt():
-    inp = make_input(load={1: 0.0, 2: 0.2, 3: 0.5}, hit_ratio={2: 0.8, 3: 0.9})
-    d = e2(inp, CFG)  # best is rank 1 (1.0 s); rank 2 costs 1.2 s <= 1.5 x 1.0
+def test_e2_decode_heavy_rank_takes_the_prefill_heavy_prompt_at_equal_cost():
+    # Ranks 1 and 2 both cost 1.0 s; the tie would go to rank 1, the decode-heavy rank 2 wins.
+    inp = make_input(load={1: 0.0, 2: 0.0, 3: 0.5}, hit_ratio={2: 0.8, 3: 0.9})
+    d = e2(inp, CFG)
     assert (d.rank, d.kind) == (2, DecisionKind.EXPLORE)
     assert "decode-heavy" in d.reason
 
 
-def test_e2_decode_heavy_rank_too_expensive_is_skipped():
-    inp = make_input(load={1: 0.0, 2: 0.6, 3: 0.0}, hit_ratio={2: 0.8})
-    assert e2(inp, CFG).rank == 1  # rank 2 costs 1.6 s > 1.5 x 1.0 s
+def test_e2_decode_heavy_rank_that_costs_more_is_skipped():
+    # The cost already prices prefill/decode balance (backlog vs stalled decodes): a decode-heavy
+    # rank that costs more (1.2 s vs 1.0 s) does not take the prompt.
+    inp = make_input(load={1: 0.0, 2: 0.2, 3: 0.0}, hit_ratio={2: 0.8})
+    assert e2(inp, CFG).rank == 1
 
 
 def test_e2_ties_go_to_fewest_in_flight_then_lowest_rank():
     inp = make_input(in_flight={1: 3, 2: 1, 3: 1})
     assert e2(inp, CFG).rank == 2
+
+
+def test_e2_load_is_the_prefill_backlog_not_the_windowed_load():
+    # The windowed load (5 s on rank 2) is history; the backlog is what a new request waits for.
+    inp = make_input(load={2: 5.0}, backlog={1: 0.3, 2: 0.0, 3: 0.1}, decoding={1: 0, 2: 0, 3: 0})
+    d = e2(inp, CFG)
+    assert (d.rank, d.kind) == (2, DecisionKind.EXPLORE)
+    assert "min L+M+P=1.0000s" in d.reason
+
+
+def test_e2_prefill_beside_running_sequences_costs_their_stall():
+    # P = 1.0 s everywhere; rank 1 has no backlog but 10 decoding sequences that the prefill
+    # would stall: 0 + 1.0 + 10 x 1.0 = 11 s. Rank 3 waits 0.1 s behind its backlog: 1.1 s.
+    inp = make_input(backlog={1: 0.0, 2: 0.5, 3: 0.1}, decoding={1: 10, 2: 0, 3: 0})
+    assert e2(inp, CFG).rank == 3
+
+
+def test_e2_stall_counts_the_prefill_without_its_fixed_overhead():
+    # Holders 1 and 2 (P = 0.1 s). Rank 2 stalls 10 sequences by P - 0.05 s = 0.5 s: 0.6 s,
+    # against rank 1's 0.55 s backlog + 0.1 s = 0.65 s. Without the overhead rank 2 costs 1.1 s.
+    over = dict(
+        cached={1: 900, 2: 900}, backlog={1: 0.55, 2: 0.0, 3: 0.0}, decoding={1: 0, 2: 10, 3: 0}
+    )
+    assert e2(make_input(prefill_overhead=0.05, **over), CFG).rank == 2
+    assert e2(make_input(**over), CFG).rank == 1
+
+
+def test_e2_counts_the_decode_cost_of_the_rank():
+    inp = make_input(decode_cost=lambda r: {1: 2.0, 2: 0.5}.get(r, 1.0))
+    assert e2(inp, CFG).rank == 2  # P = 1.0 s everywhere: 3.0, 1.5, 2.0
 
 
 # ---------------------------------------------------------------------- baselines

@@ -116,3 +116,26 @@ def test_no_rebalance_within_the_ratio_or_when_dearer():
     assert Rebalancer(CFG).adjust(e2(inp, CFG), inp, m, no_growth).rank == 1
     inp = exploit_input(holders, {1: 0.5, 2: 0.0, 3: 0.0, 4: 0.0})  # heavy, but 0.9 < 1.0
     assert Rebalancer(CFG).adjust(e2(inp, CFG), inp, m, no_growth).rank == 1
+
+
+def test_holder_backlog_beyond_the_miss_prefill_moves_the_request():
+    # Holder 1 waits 1.5 s behind its backlog (+0.1 s prefill); rank 2 recomputes the whole
+    # prompt (1.0 s) after 0.3 s: cheaper. Not hot (1.5 < 2 x mean 0.95): REBALANCE.
+    backlog = {1: 1.5, 2: 0.3, 3: 1.0, 4: 1.0}
+    holders = {1: 900}
+    inp = exploit_input(holders, {}, backlog=backlog, decoding={r: 0 for r in backlog})
+    _, m = tree_with(holders)
+    r = Rebalancer(CFG).adjust(e2(inp, CFG), inp, m, no_growth)
+    assert (r.rank, r.kind) == (2, DecisionKind.REBALANCE)
+    # One decoding sequence on rank 2 would be stalled by that 1.0 s prefill: 2.3 s, stay.
+    inp = exploit_input(holders, {}, backlog=backlog, decoding={1: 0, 2: 1, 3: 0, 4: 0})
+    assert Rebalancer(CFG).adjust(e2(inp, CFG), inp, m, no_growth).rank == 1
+
+
+def test_hot_holder_by_backlog_replicates():
+    holders = {1: 900}
+    backlog = {1: 4.0, 2: 0.0, 3: 0.0, 4: 0.0}
+    inp = exploit_input(holders, {}, backlog=backlog, decoding={r: 0 for r in backlog})
+    _, m = tree_with(holders)
+    r = Rebalancer(CFG).adjust(e2(inp, CFG), inp, m, no_growth)
+    assert (r.rank, r.kind) == (2, DecisionKind.REPLICATE)

@@ -69,12 +69,42 @@ def test_first_request_explores_then_shared_prefix_is_exploited():
 
 
 def test_low_load_spreads_a_shared_prefix():
-    # A rank's past work stays in its window (H): with one idle rank, recomputing a short
-    # prompt there is cheaper than the windowed load of the holder, so E2 spreads at first.
+    # The holder is still prefilling the first request: waiting behind that prefill and then
+    # prefilling the tail costs more than recomputing the short prompt on the idle rank.
     s, clock = make(ranks=(1, 2))
     s.schedule("a", prompt(0), 16)
     d = s.schedule("b", prompt(1), 16)
     assert d.rank == 2 and d.kind in (DecisionKind.REPLICATE, DecisionKind.REBALANCE)
+
+
+def test_backlog_and_decoding_follow_the_request():
+    s, _ = make(ranks=(1, 2))
+    s.schedule("a", prompt(0), 16)
+    ranks = s.stats()["ranks"]
+    assert ranks["1"]["prefill_backlog_s"] == pytest.approx(s.cost.prefill_s(1050, 0), abs=1e-6)
+    assert ranks["1"]["decoding"] == 0 and ranks["2"]["prefill_backlog_s"] == 0.0
+    s.on_first_token("a")
+    ranks = s.stats()["ranks"]
+    assert (ranks["1"]["prefill_backlog_s"], ranks["1"]["decoding"]) == (0.0, 1)
+    s.on_finished(finished("a", 1))
+    assert s.stats()["ranks"]["1"]["decoding"] == 0
+    s.schedule("b", prompt(1), 16)
+    s.on_request_dropped("b")  # dropped while prefilling: its backlog leaves too
+    assert all(r["prefill_backlog_s"] == 0.0 for r in s.stats()["ranks"].values())
+
+
+def test_hits_stay_on_the_holder_until_its_backlog_outweighs_a_recompute():
+    s, _ = make(ranks=(1, 2))
+    s.schedule("a", prompt(0), 16)
+    s.on_first_token("a")
+    kinds = [s.schedule(f"h{i}", prompt(i + 1), 16) for i in range(6)]
+    # Each queued hit adds its short tail prefill to rank 1's backlog; once waiting behind them
+    # costs more than the whole prompt on idle rank 2, the next hit goes there instead.
+    moved = next(i for i, d in enumerate(kinds) if d.rank == 2)
+    assert moved >= 2
+    assert all(d.kind is DecisionKind.EXPLOIT and d.rank == 1 for d in kinds[:moved])
+    assert kinds[moved].kind in (DecisionKind.REBALANCE, DecisionKind.REPLICATE)
+    assert s.stats()["ranks"]["1"]["prefill_backlog_s"] >= s.cost.prefill_s(50, 1000) * moved
 
 
 def test_schedule_does_not_touch_the_callers_tokens():
