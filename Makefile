@@ -6,7 +6,7 @@ MODEL   ?= models/tiny-llama
 # pytest selection for `make test`; CI runs exactly this.
 PYTEST_ARGS ?= tests
 
-.PHONY: install install-gpu test test-fast demo lint bench-sched clean
+.PHONY: install install-gpu test test-fast demo lint proto bench-sched bench-worker clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,13 @@ test-fast: install
 # Rank-0 scheduling overhead (decisions/s, p50/p99 latency) on one core; see README "Overhead".
 bench-sched: install
 	$(BIN)/python bench/sched_overhead.py --json bench/results/sched_overhead.json
+
+# Regenerate the checked-in gRPC stubs from proto/preble.proto (tests/unit/test_proto.py checks them).
+proto: install
+	$(BIN)/python -m preble_hpc._proto
+
+bench-worker: install $(MODEL)/config.json
+	$(BIN)/python bench/worker_engine.py --model $(MODEL) --json bench/results/worker_engine.json
 
 lint: install
 	$(BIN)/ruff check preble_hpc tests bench
