@@ -36,7 +36,7 @@ class EngineConfig:
     tokenizer: str | None = None
     """Tokenizer path; defaults to ``model``."""
     dtype: str = "auto"
-    """Weights/activation dtype passed to vLLM (``auto``, ``bfloat16``, ``float16``, ``float32``)."""
+    """Weights/activation dtype for vLLM: ``auto``, ``bfloat16``, ``float16`` or ``float32``."""
     max_model_len: int | None = None
     """Longest prompt + output in tokens; ``None`` takes the model's own limit."""
     kv_cache_gib: float | None = None

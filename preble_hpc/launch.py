@@ -12,7 +12,7 @@ import sys
 
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "make-tiny-model": ("preble_hpc.tiny_model", "write a small random-weight Llama for tests/demo"),
+    "make-tiny-model": ("preble_hpc.tiny_model", "write a small random Llama for tests/demo"),
     "batch": ("preble_hpc.offline", "offline batch inference over a prompt file (under mpirun)"),
     "serve": ("preble_hpc.serve", "serve over gRPC from rank 0 (under mpirun / srun)"),
     "client": ("preble_hpc.client", "send prompts to a running server and stream the output"),

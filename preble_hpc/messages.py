@@ -1,9 +1,9 @@
 """The wire protocol between rank 0 and the worker ranks.
 
 Every message is a plain slotted dataclass; the transport pickles them (batched). Rank 0 and the
-workers share only this module, ``config`` and ``transport``. Errors travel as data (``RequestError``
-for one request, ``WorkerFailed`` for a whole rank) with the remote traceback, never as exceptions
-across ranks.
+workers share only this module, ``config`` and ``transport``. Errors travel as data
+(``RequestError`` for one request, ``WorkerFailed`` for a whole rank) with the remote traceback,
+never as exceptions across ranks.
 
 Token accounting of one request, as reported in ``Finished``::
 

@@ -36,8 +36,14 @@ def _byte_level_tokenizer():
     return tok
 
 
-def make_tiny_model(out_dir: str | Path, *, seed: int = 0, layers: int = 2, hidden: int = 256,
-                    max_positions: int = 4096) -> Path:
+def make_tiny_model(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 256,
+    max_positions: int = 4096,
+) -> Path:
     """Write the model folder to ``out_dir`` and return its path."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -46,7 +52,9 @@ def make_tiny_model(out_dir: str | Path, *, seed: int = 0, layers: int = 2, hidd
     out.mkdir(parents=True, exist_ok=True)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=_byte_level_tokenizer(),
-        pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
     )
     fast.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
@@ -57,7 +65,9 @@ def make_tiny_model(out_dir: str | Path, *, seed: int = 0, layers: int = 2, hidd
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_positions,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
         tie_word_embeddings=False,
         dtype="float32",
     )

@@ -8,8 +8,17 @@ from preble_hpc.worker_rank.local_scheduler import LocalScheduler, priority_grou
 
 @pytest.mark.parametrize(
     ("prompt", "cached", "group"),
-    [(100, 0, 0), (100, 1, 0), (100, 10, 0), (100, 11, 1), (100, 50, 4), (100, 91, 9),
-     (100, 100, 9), (100, 150, 9), (0, 0, 0)],
+    [
+        (100, 0, 0),
+        (100, 1, 0),
+        (100, 10, 0),
+        (100, 11, 1),
+        (100, 50, 4),
+        (100, 91, 9),
+        (100, 100, 9),
+        (100, 150, 9),
+        (0, 0, 0),
+    ],
 )
 def test_priority_group_is_ceil_of_hit_ratio(prompt, cached, group):
     assert priority_group(prompt, cached, 10) == group
@@ -28,9 +37,21 @@ def test_round_serves_groups_highest_first_with_quota_g_plus_1_times_k():
     assert ls.group_sizes() == [5, 5, 5]
     order = ls.pop_round(100)
     assert order == [
-        "hot0", "hot1", "hot2", "mid0", "mid1", "cold0",
-        "hot3", "hot4", "mid2", "mid3", "cold1",
-        "mid4", "cold2", "cold3", "cold4",
+        "hot0",
+        "hot1",
+        "hot2",
+        "mid0",
+        "mid1",
+        "cold0",
+        "hot3",
+        "hot4",
+        "mid2",
+        "mid3",
+        "cold1",
+        "mid4",
+        "cold2",
+        "cold3",
+        "cold4",
     ]
     assert len(ls) == 0
 
