@@ -125,6 +125,10 @@ class GlobalScheduler:
         self._backlog: dict[int, float] = {}
         self._prefilling: dict[int, int] = {}
         self._decoding: dict[int, int] = {}
+        # Prompt tokens of each rank's in-flight requests (the KV its decode steps read), and the
+        # cluster total, for the decode term.
+        self._context: dict[int, int] = {}
+        self._context_total = 0
         self._has_stats: set[int] = set()
         # Mean completion / max_tokens of finished requests (output length estimate), smoothed with
         # the cost fit's forgetting factor.
@@ -155,6 +159,7 @@ class GlobalScheduler:
         self._backlog[rank] = 0.0
         self._prefilling[rank] = 0
         self._decoding[rank] = 0
+        self._context[rank] = 0
         self.loads.add_rank(rank)
 
     def on_worker_ready(self, msg: WorkerReady) -> None:
@@ -173,6 +178,7 @@ class GlobalScheduler:
             del self._requests[rid]
         self._live.remove(rank)
         self._removed.add(rank)
+        self._context_total -= self._context[rank]
         for table in (
             self._in_flight,
             self._waiting,
@@ -183,6 +189,7 @@ class GlobalScheduler:
             self._backlog,
             self._prefilling,
             self._decoding,
+            self._context,
         ):
             del table[rank]
         self._has_stats.discard(rank)
@@ -203,6 +210,12 @@ class GlobalScheduler:
         in_flight = self._in_flight
         out_tokens = max(1, round(max_tokens * self._out_ratio))
         step_base, per_seq = self.cost.decode_step_base_s, self.cost.decode_step_per_seq_s
+        context = self._context
+        # The fitted per-sequence step cost is for the cluster's mean context; a rank's
+        # sequences count in units of it, so long-context ranks weigh more.
+        seqs = len(self._requests)
+        mean_context = self._context_total / seqs if seqs and self._context_total > 0 else n or 1
+        per_token = per_seq / mean_context
 
         def prefill_cost(rank: int) -> float:
             c = per_rank.get(rank, 0)
@@ -221,9 +234,9 @@ class GlobalScheduler:
             return tree_eviction_cost(rank, need, recompute_s, now, keep=m)
 
         def decode_cost(rank: int) -> float:
-            # Its own steps in a batch one larger (step_s(b + 1)), plus one more sequence in each
-            # of the b steps it shares.
-            return out_tokens * (step_base + per_seq * (2 * in_flight[rank] + 1))
+            # Its own steps, reading the rank's context plus its own, and its own context read
+            # in each of the steps of the in-flight requests it shares them with.
+            return out_tokens * (step_base + per_token * (context[rank] + n + n * in_flight[rank]))
 
         return PolicyInput(
             ranks=self._live,
@@ -279,6 +292,8 @@ class GlobalScheduler:
         blocks = -(-n // self._block_size[rank])
         self._requests[request_id] = _Request(rank, now, n, new_tokens, blocks, max_tokens, prefill)
         self._in_flight[rank] += 1
+        self._context[rank] += n
+        self._context_total += n
         self._backlog[rank] += prefill
         self._prefilling[rank] += 1
         self._active_prefill[rank] += new_tokens
@@ -309,6 +324,8 @@ class GlobalScheduler:
             return None
         self._end_prefill(req)
         if req.rank in self._in_flight:
+            self._context[req.rank] -= req.prompt_tokens
+            self._context_total -= req.prompt_tokens
             self._decoding[req.rank] -= 1
             self._in_flight[req.rank] -= 1
             self._active_blocks[req.rank] -= req.blocks
