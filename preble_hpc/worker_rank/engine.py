@@ -304,11 +304,17 @@ class EngineAdapter:
         s = self._stats
         queries, hits = s.queries - self._read_queries, s.hits - self._read_hits
         self._read_queries, self._read_hits = s.queries, s.hits
+        hit_rate = hits / queries if queries else 0.0
+        if not self._prompt_len:
+            # vLLM publishes stats only from a step, and an idle engine is not stepped: after the
+            # last request finished or was aborted its snapshot is stale. Idle runs nothing and
+            # pins no KV (cached prefixes are evictable, which vLLM counts as free).
+            return EngineLoad(running=0, waiting=0, kv_usage=0.0, prefix_cache_hit_rate=hit_rate)
         return EngineLoad(
             running=s.running,
             waiting=s.waiting,
             kv_usage=s.kv_usage,
-            prefix_cache_hit_rate=hits / queries if queries else 0.0,
+            prefix_cache_hit_rate=hit_rate,
         )
 
     def cache_events(self) -> list[CacheEvent]:

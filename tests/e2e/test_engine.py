@@ -215,6 +215,8 @@ def test_abort_frees_the_request_and_its_kv(engine):
     assert engine.abort("long") is True
     assert engine.abort("long") is False
     assert not engine.has_unfinished() and engine.num_requests() == 0
+    idle = engine.load()  # no step since the abort: vLLM's own snapshot still shows "long"
+    assert (idle.running, idle.waiting, idle.kv_usage) == (0, 0, 0.0)
     engine.add_request("short", _prompt(8, 5), SamplingSpec(max_tokens=3, ignore_eos=True))
     SENT.append(_prompt(8, 5))
     for _ in range(1000):

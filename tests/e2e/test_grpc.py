@@ -34,6 +34,7 @@ MPIEXEC = BIN / "mpiexec"
 PREBLE = BIN / "preble-hpc"
 SERVICE = "preble.v1.Preble"
 MAX_MODEL_LEN = 2048
+DRAIN_TOKENS = MAX_MODEL_LEN - 64
 MAX_INFLIGHT = 40
 ENGINE_FLAGS = [
     "--enforce-eager",
@@ -435,7 +436,10 @@ def test_sigterm_drains_open_streams_then_exits_0(server):
     pid = json.loads(stats(server).stats_json)["ingress"]["pid"]
     stream = server.stub.Generate(
         pb.GenerateRequest(
-            prompt="finish me", sampling=pb.SamplingParams(max_tokens=200, ignore_eos=True)
+            prompt="finish me",
+            # Long enough that the stream is still open through the health and late-request
+            # checks below: 200 tokens took under half a second on an idle CI machine.
+            sampling=pb.SamplingParams(max_tokens=DRAIN_TOKENS, ignore_eos=True),
         ),
         timeout=300,
     )
@@ -455,7 +459,7 @@ def test_sigterm_drains_open_streams_then_exits_0(server):
     rest = list(stream)
     ids = list(first.delta.token_ids) + [t for r in rest for t in r.delta.token_ids]
     assert rest[-1].HasField("final") and rest[-1].final.finish_reason == "length"
-    assert len(ids) == 200  # the open request finished in full
+    assert len(ids) == DRAIN_TOKENS  # the open request finished in full
     assert server.proc.wait(120) == 0, _tail(server.log)
     log = server.log.read_text(errors="replace")
     assert "drained: all 1 open request(s) finished" in log

@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "slurm" / "preble.sbatch"
 BATCH_SBATCH = ROOT / "slurm" / "preble-batch.sbatch"
 BIN = Path(sys.executable).parent
-ENGINE_FLAGS = "--enforce-eager --dtype float32 --kv-cache-gib 1 --seed 0 --max-model-len 1024"
-DRAIN_TOKENS = 1000
+ENGINE_FLAGS = "--enforce-eager --dtype float32 --kv-cache-gib 1 --seed 0 --max-model-len 4096"
+# Outlasts the signal's trip (scancel -> slurmctld -> batch shell -> rank 0): 1000 tokens once
+# finished before it on an idle machine.
+DRAIN_TOKENS = 4000
 #: CPU settings: one allocated task slot, three tasks overcommitted on it (2 cores here).
 SBATCH_ARGS = [
     "--nodes=1",
