@@ -273,3 +273,16 @@ def test_baselines_run_through_the_scheduler(policy):
         d = s.schedule(f"r{i}", prompt(i), 16)
         assert d.kind is DecisionKind.BASELINE and d.rank in (1, 2, 3)
     assert s.stats()["decisions"]["baseline"] == 12
+
+
+def test_decode_cost_weighs_the_context_a_rank_decodes():
+    # One decoding request on each rank: 8,000 tokens of context on rank 1, 500 on rank 2. A new
+    # unrelated prompt costs the same prefill and stall on both; decoding beside the long context
+    # is slower, so it goes to rank 2.
+    s, _ = make(ranks=(1, 2))
+    assert s.schedule("long", list(range(8000)), 64).rank == 1
+    assert s.schedule("short", list(range(100_000, 100_500)), 64).rank == 2
+    s.on_first_token("long")
+    s.on_first_token("short")
+    d = s.schedule("new", list(range(200_000, 201_000)), 64)
+    assert (d.rank, d.kind) == (2, DecisionKind.EXPLORE)
