@@ -241,6 +241,12 @@ class Worker:
             req = popped[0]
             rid = req.msg.request_id
             del self._queued[rid]
+            # KV events of requests admitted since this one was submitted may have stored its
+            # prefix: budget what vLLM will really compute, not the estimate at submission.
+            prompt = req.msg.prompt_token_ids
+            req.cached_estimate = min(
+                len(prompt), max(req.cached_estimate, self.mirror.cached_tokens(prompt))
+            )
             try:
                 self.engine.add_request(rid, req.msg.prompt_token_ids, req.msg.sampling)
             except ValueError as exc:

@@ -239,6 +239,21 @@ def test_cached_prefix_counts_only_its_uncached_tokens_against_the_budget():
     assert len(engine.added) == 8
 
 
+def test_budget_uses_prefixes_stored_after_submission():
+    engine = FakeEngine(max_running=100)
+    engine.max_num_batched_tokens = 20
+    engine.max_num_seqs = 100
+    w = make_worker(engine, max_engine_waiting=1)
+    for i in range(8):  # submitted before anything is cached: 8 tokens to compute each
+        w.submit(submit(f"r{i}", max_tokens=5))
+    # The first step's prefill stores the shared 8-token prompt (its KV event arrives then).
+    engine.events = [CacheEvent(CacheEventKind.STORED, (1, 2, 3, 4, 5, 6, 7, 8), block_tokens=8)]
+    w.step()
+    assert engine.added == ["r0", "r1", "r2"]  # 8 + 8 + 8 tokens: the budget of 20 is full
+    w.step()  # the rest cost ~nothing each now, not the 8 estimated when they were submitted
+    assert engine.added == [f"r{i}" for i in range(8)]
+
+
 def test_zero_max_engine_waiting_still_admits_one_at_a_time():
     engine = FakeEngine(max_running=1)
     w = make_worker(engine, max_engine_waiting=0)
