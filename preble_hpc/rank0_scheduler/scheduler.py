@@ -88,7 +88,7 @@ class _PerRank(Mapping[int, float]):
 
 
 class GlobalScheduler:
-    """Contract A (see .notes/CONTRACTS.md)."""
+    """Contract A (see docs/interfaces.md)."""
 
     def __init__(
         self,

@@ -104,7 +104,7 @@ class _Request:
 
 
 class Worker:
-    """Contract C (see CONTRACTS.md). ``engine``: an already built engine adapter (tests, the
+    """Contract C (see docs/interfaces.md). ``engine``: an already built engine adapter (tests, the
     benchmark); by default the worker builds ``EngineAdapter(engine_config)`` (seconds)."""
 
     def __init__(
