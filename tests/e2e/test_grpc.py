@@ -295,10 +295,13 @@ def test_in_flight_limit_is_resource_exhausted(server):
         for i in range(MAX_INFLIGHT)
     ]
     try:
-        for s in streams:
-            next(s)
-        st = stats(server)
-        assert st.in_flight == MAX_INFLIGHT, f"the held requests are not all in flight: {st}"
+        # Rank 0 counts a request in flight from its arrival to its end, queued or running; each
+        # held one runs for seconds, so all of them are in flight together.
+        deadline = time.monotonic() + 60
+        while (st := stats(server)).in_flight < MAX_INFLIGHT:
+            assert time.monotonic() < deadline, f"the held requests are not all in flight: {st}"
+            time.sleep(0.05)
+        assert st.in_flight == MAX_INFLIGHT, st
         err = rpc_error(lambda: generate(server.stub, prompt="one too many"))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_inflight" in err.details()
