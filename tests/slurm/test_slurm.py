@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,9 +28,12 @@ SBATCH = ROOT / "slurm" / "preble.sbatch"
 BATCH_SBATCH = ROOT / "slurm" / "preble-batch.sbatch"
 BIN = Path(sys.executable).parent
 ENGINE_FLAGS = "--enforce-eager --dtype float32 --kv-cache-gib 1 --seed 0 --max-model-len 4096"
-# Outlasts the signal's trip (scancel -> slurmctld -> batch shell -> rank 0): 1000 tokens once
-# finished before it on an idle machine.
+# The drain check must still have requests open when SIGTERM reaches rank 0 (scancel ->
+# slurmctld -> batch shell -> rank 0). One 4000-token request once finished before that on an
+# idle machine, so the serve job runs one sequence at a time and gets DRAIN_REQUESTS of them:
+# each worker then has at least two back to back (~2 x 8 s), far longer than the signal's trip.
 DRAIN_TOKENS = 4000
+DRAIN_REQUESTS = 4
 #: CPU settings: one allocated task slot, three tasks overcommitted on it (2 cores here).
 SBATCH_ARGS = [
     "--nodes=1",
@@ -94,7 +98,9 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
     submit_dir.mkdir()
     # Settings may also come from a config file: the policy is set only there.
     (submit_dir / "preble.env").write_text("PREBLE_POLICY=e2\n")
-    job = slurm.sbatch(SBATCH, SBATCH_ARGS, cwd=submit_dir, env=_job_env(tiny_model, submit_dir))
+    env = _job_env(tiny_model, submit_dir)
+    env["PREBLE_ARGS"] += " --max-num-seqs 1"
+    job = slurm.sbatch(SBATCH, SBATCH_ARGS, cwd=submit_dir, env=env)
     addr_file = submit_dir / f"preble-{job}.addr"
     logs = submit_dir / f"preble-{job}.logs"
     out = submit_dir / f"preble-{job}.out"
@@ -136,27 +142,31 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
             stats = stub.GetStats(pb.GetStatsRequest(), timeout=30)
             assert [r.rank for r in stats.ranks] == [1, 2] and stats.policy == "e2"
 
-            # An open request when the stop signal comes must still finish in full.
-            # (long enough to outlast the signal's trip: scancel -> slurmctld -> batch shell)
-            stream = stub.Generate(
-                pb.GenerateRequest(
-                    prompt="drain me",
-                    sampling=pb.SamplingParams(max_tokens=DRAIN_TOKENS, ignore_eos=True),
-                ),
-                timeout=600,
-            )
-            first = next(stream)
+            # Requests open when the stop signal comes must still finish in full.
+            streams = [
+                stub.Generate(
+                    pb.GenerateRequest(
+                        prompt=f"drain me {i}",
+                        sampling=pb.SamplingParams(max_tokens=DRAIN_TOKENS, ignore_eos=True),
+                    ),
+                    timeout=600,
+                )
+                for i in range(DRAIN_REQUESTS)
+            ]
+            first = next(streams[0])  # running: the job is busy when the signal comes
             slurm.scancel("--batch", "--signal=TERM", job)
-            rest = list(stream)
-        n_tokens = len(first.delta.token_ids) + sum(len(r.delta.token_ids) for r in rest)
-        assert rest[-1].final.finish_reason == "length" and n_tokens == DRAIN_TOKENS
+            replies = [[first, *streams[0]], *(list(s) for s in streams[1:])]
+        for reply in replies:
+            n_tokens = sum(len(r.delta.token_ids) for r in reply)
+            assert reply[-1].final.finish_reason == "length" and n_tokens == DRAIN_TOKENS
 
         slurm.wait_for(lambda: slurm.job_done(job), 300, "the job to end", interval_s=0.5)
         info = slurm.job_info(job)
         assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", report()
         rank0 = (logs / "rank-0.log").read_text(errors="replace")
-        assert "draining: health NOT_SERVING, 1 request(s) open" in rank0, report()
-        assert "drained: all 1 open request(s) finished" in rank0, report()
+        draining = re.search(r"draining: health NOT_SERVING, (\d+) request\(s\) open", rank0)
+        assert draining and int(draining[1]) >= 1, report()
+        assert f"drained: all {draining[1]} open request(s) finished" in rank0, report()
         assert "exited with code 0" in out.read_text(), report()
         assert not addr_file.exists()
         assert {p.name for p in logs.glob("rank-*.log")} == {
