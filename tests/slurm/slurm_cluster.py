@@ -164,6 +164,18 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
     def scancel(self, *args: str) -> None:
         self._run(["scancel", *args])
 
+    def prepare_scancel(self, *args: str) -> PendingCommand:
+        """A ``scancel`` started now that runs only on ``release()`` (no fork at that moment)."""
+        proc = subprocess.Popen(
+            ["bash", "-c", 'read -r _ && exec scancel "$@"', "scancel", *args],
+            env=self.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        return PendingCommand(proc)
+
     def daemon_logs(self, tail: int = 30) -> str:
         parts = []
         for path in sorted((self.root / "log").glob("*")):
@@ -183,3 +195,21 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+class PendingCommand:
+    """A command waiting on its stdin; ``release()`` lets it run and checks that it succeeded."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+
+    def release(self, timeout_s: float = 30.0) -> None:
+        output, _ = self.proc.communicate("go\n", timeout=timeout_s)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"{self.proc.args} exited {self.proc.returncode}: {output}")
+
+    def discard(self) -> None:
+        """Never run it (the test failed before the signal): end the waiting shell."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)

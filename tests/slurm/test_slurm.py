@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -142,7 +143,11 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
             stats = stub.GetStats(pb.GetStatsRequest(), timeout=30)
             assert [r.rank for r in stats.ranks] == [1, 2] and stats.policy == "e2"
 
-            # Requests open when the stop signal comes must still finish in full.
+            # Requests open when the stop signal comes must still finish in full. The scancel
+            # process is started before the streams open and released through its stdin: a
+            # subprocess started while the streams were live once took ~40 s to run, by which time
+            # every request had finished.
+            signaller = slurm.prepare_scancel("--batch", "--signal=TERM", job)
             streams = [
                 stub.Generate(
                     pb.GenerateRequest(
@@ -154,7 +159,9 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
                 for i in range(DRAIN_REQUESTS)
             ]
             first = next(streams[0])  # running: the job is busy when the signal comes
-            slurm.scancel("--batch", "--signal=TERM", job)
+            started = time.monotonic()
+            signaller.release()
+            signal_s = time.monotonic() - started
             replies = [[first, *streams[0]], *(list(s) for s in streams[1:])]
         for reply in replies:
             n_tokens = sum(len(r.delta.token_ids) for r in reply)
@@ -165,7 +172,7 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
         assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", report()
         rank0 = (logs / "rank-0.log").read_text(errors="replace")
         draining = re.search(r"draining: health NOT_SERVING, (\d+) request\(s\) open", rank0)
-        assert draining and int(draining[1]) >= 1, report()
+        assert draining and int(draining[1]) >= 1, f"scancel took {signal_s:.1f} s\n{report()}"
         assert f"drained: all {draining[1]} open request(s) finished" in rank0, report()
         assert "exited with code 0" in out.read_text(), report()
         assert not addr_file.exists()
@@ -175,6 +182,8 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
             "rank-2.log",
         }
     finally:
+        if signaller is not None:
+            signaller.discard()
         if not slurm.job_done(job):
             subprocess.run(["scancel", job], env=slurm.env, timeout=30, check=False)
             try:
