@@ -20,8 +20,10 @@ Columns: ``decisions_per_s`` and ``p50_ms``/``p99_ms`` time ``schedule()`` alone
 throughput is the median over ``--chunks`` consecutive chunks, robust to other tenants of the
 machine); ``with_reports_per_s`` divides the decisions by all scheduler time spent (schedule,
 cache reports, Finished, first tokens, load stats). ``rss_mb`` is the whole process (the emulated
-engines' caches included); ``tree_mb`` estimates the tree alone. Python's cyclic GC runs as usual
-(``--gc off`` shows its share: the tree's segments are lists, which every full collection walks).
+engines' caches included); ``tree_mb`` estimates the tree alone. Python's cyclic GC runs as on rank
+0 of a job (``--gc rank0``: ``tune_gc`` with ``RuntimeConfig``'s generation-0 threshold);
+``--gc default`` keeps Python's thresholds and ``--gc off`` disables it, to show its share (the
+tree's segments are lists, which every collection that reaches them walks).
 ``events_per_decision`` counts cache events; by default an engine reports one EVICTED per evicted
 chain (its topmost block: "that block and everything below it"), ``--per-block-events`` sends one
 per block as a naive KV-event relay would.
@@ -39,7 +41,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from preble_hpc.config import SchedulerConfig
+from preble_hpc.config import RuntimeConfig, SchedulerConfig
 from preble_hpc.messages import (
     CacheEvent,
     CacheEventKind,
@@ -48,6 +50,7 @@ from preble_hpc.messages import (
     LoadStats,
     WorkerReady,
 )
+from preble_hpc.rank0_scheduler.main import tune_gc
 from preble_hpc.rank0_scheduler.scheduler import GlobalScheduler
 
 BLOCK = 16
@@ -305,13 +308,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="llama3-8b-h100")
     p.add_argument("--per-block-events", action="store_true", help="one EVICTED per block")
     p.add_argument(
-        "--gc", choices=("on", "off"), default="on", help="off: Python's cyclic GC disabled"
+        "--gc",
+        choices=("rank0", "default", "off"),
+        default="rank0",
+        help="rank0: the thresholds rank 0 sets (tune_gc); default: Python's; off: GC disabled",
     )
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     args = p.parse_args(argv)
 
     if args.gc == "off":
         gc.disable()
+    elif args.gc == "rank0":
+        tune_gc(RuntimeConfig().gc_gen0_threshold)
     rows = []
     header = (
         f"{'ranks':>5} {'prompt':>6} {'dec/s':>9} {'p50 ms':>7} {'p99 ms':>7} "

@@ -111,6 +111,12 @@ _RUNTIME_FLAGS = (
         "a busy worker silent this long is treated as failed",
         float,
     ),
+    _Flag(
+        "--gc-gen0-threshold",
+        "gc_gen0_threshold",
+        "rank 0's generation-0 GC threshold (0: Python's default)",
+        int,
+    ),
 )
 _GROUPS: tuple[tuple[str, type, tuple[_Flag, ...]], ...] = (
     ("engine (vLLM on every worker rank)", EngineConfig, _ENGINE_FLAGS),

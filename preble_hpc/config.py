@@ -167,9 +167,20 @@ class RuntimeConfig:
     """A worker that holds requests and sends nothing (not even ``LoadStats``) for this long is
     treated as failed: its requests are re-routed, and rank 0 never waits on it forever."""
 
+    gc_gen0_threshold: int = 50_000
+    """Rank 0 only: Python's generation-0 GC threshold, set once the workers are ready (after
+    ``gc.freeze()`` of the startup heap). The radix tree keeps millions of token ids in lists
+    that every young collection walks; at the default 700 the collector took ~12% of the
+    scheduler's time in ``bench/sched_overhead.py``. 0 keeps Python's defaults."""
+
     def __post_init__(self) -> None:
         _positive(
             self, "max_inflight", "stats_interval_s", "idle_sleep_s", "worker_silence_timeout_s"
+        )
+        _require(
+            self.gc_gen0_threshold >= 0,
+            f"RuntimeConfig.gc_gen0_threshold must be >= 0 (0: Python's default), "
+            f"got {self.gc_gen0_threshold!r}",
         )
 
 

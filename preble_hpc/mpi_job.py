@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from preble_hpc.cli_args import JobConfig
 from preble_hpc.messages import Shutdown, WorkerStopped
-from preble_hpc.rank0_scheduler.main import Rank0Runtime, StartupError
+from preble_hpc.rank0_scheduler.main import Rank0Runtime, StartupError, tune_gc
 from preble_hpc.transport import MpiTransport, Transport, TransportError
 
 log = logging.getLogger("preble_hpc.job")
@@ -97,6 +97,7 @@ def _run_rank0(
         print(f"preble-hpc {command}: error: {exc}", file=sys.stderr)
         code = EXIT_INTERRUPTED if stop.is_set() else EXIT_JOB_FAILED
         return _shutdown(runtime, transport, job, code)
+    tune_gc(job.runtime.gc_gen0_threshold)
     try:
         code = rank0_main(runtime, stop)
     except Exception as exc:

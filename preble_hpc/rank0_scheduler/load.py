@@ -48,6 +48,8 @@ class _TtftHalves:
 
     def advance(self, middle: float, horizon: float) -> None:
         new, old = self.new, self.old
+        if (not new or new[0][0] > middle) and (not old or old[0][0] > horizon):
+            return  # nothing moves (the usual case between samples)
         while new and new[0][0] <= middle:
             sample = new.popleft()
             self.new_sum -= sample[1]

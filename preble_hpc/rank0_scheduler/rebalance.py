@@ -62,9 +62,12 @@ class Rebalancer:
         cfg = self.config
         ranks = inp.ranks
         load = inp.backlog if inp.backlog is not None else inp.load
-        mean = sum(load[r] for r in ranks) / len(ranks)
-        if mean > 0.0 and all(load[h] > cfg.replicate_load_ratio * mean for h in holders):
-            return "load", f"holders' load > {cfg.replicate_load_ratio} x mean {mean:.3f}s"
+        # An idle holder is never over any multiple of the mean: skip the sum over all ranks
+        # (the usual case, on every exploit decision).
+        if all(load[h] > 0.0 for h in holders):
+            mean = sum(load[r] for r in ranks) / len(ranks)
+            if mean > 0.0 and all(load[h] > cfg.replicate_load_ratio * mean for h in holders):
+                return "load", f"holders' load > {cfg.replicate_load_ratio} x mean {mean:.3f}s"
         if all(ttft_growth(h) >= cfg.replicate_ttft_growth for h in holders):
             return "ttft", f"holders' TTFT grew >= {cfg.replicate_ttft_growth}x over the window"
         return None

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
 import pytest
 from fakes_runtime import MAX_MODEL_LEN, Collector, FakeBehaviour, FakeCluster
 
+from preble_hpc.config import ConfigError, RuntimeConfig
 from preble_hpc.messages import Finished, RequestError, SamplingSpec, TokenDelta
-from preble_hpc.rank0_scheduler.main import ClientRequest, FinalEvent, StartupError
+from preble_hpc.rank0_scheduler.main import ClientRequest, FinalEvent, StartupError, tune_gc
 from preble_hpc.worker_rank.main import FAULT_ENV, InjectedFault, _FaultPlan
 
 
@@ -358,3 +360,21 @@ def test_injected_startup_fault_via_env(monkeypatch):
 def test_request_error_message_types_are_data():
     e = RequestError("x", 1, "m")
     assert e.kind == "invalid_argument" and e.traceback == ""
+
+
+def test_tune_gc_freezes_the_startup_heap_and_raises_the_young_threshold():
+    before = gc.get_threshold()
+    try:
+        tune_gc(0)
+        assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+        tune_gc(12_345)
+        assert gc.get_threshold() == (12_345, *before[1:])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_a_negative_gc_threshold_is_a_config_error():
+    with pytest.raises(ConfigError, match="gc_gen0_threshold must be >= 0"):
+        RuntimeConfig(gc_gen0_threshold=-1)
