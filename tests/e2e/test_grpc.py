@@ -23,6 +23,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from invalid_requests import invalid_requests
 
 from preble_hpc._proto import preble_pb2 as pb
 from preble_hpc._proto import preble_pb2_grpc as pb_grpc
@@ -314,25 +315,7 @@ def test_in_flight_limit_is_resource_exhausted(server):
 # ---------------------------------------------------------------------------- invalid input
 
 
-@pytest.mark.parametrize(
-    ("request_kw", "needle"),
-    [
-        ({}, "no input"),
-        ({"prompt": ""}, "prompt is empty"),
-        ({"token_ids": pb.TokenIds()}, "token_ids is empty"),
-        ({"token_ids": pb.TokenIds(ids=[10**6])}, "out of the vocabulary"),
-        ({"messages": pb.ChatMessages()}, "messages is empty"),
-        ({"prompt": "x" * MAX_MODEL_LEN}, "max_model_len"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(max_tokens=0)}, "max_tokens"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(temperature=-1)}, "temperature"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(temperature=float("inf"))}, "temperature"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(top_p=0)}, "top_p"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(top_p=2)}, "top_p"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(top_k=-3)}, "top_k"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(stop=[""])}, "stop"),
-        ({"prompt": "x", "request_id": "r" * 300}, "request_id"),
-    ],
-)
+@pytest.mark.parametrize(("request_kw", "needle"), invalid_requests(MAX_MODEL_LEN))
 def test_invalid_requests_are_invalid_argument(server, request_kw, needle):
     err = rpc_error(lambda: generate(server.stub, **request_kw))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT

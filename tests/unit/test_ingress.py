@@ -14,6 +14,7 @@ import pytest
 from fakes_runtime import MAX_MODEL_LEN, FakeBehaviour, FakeCluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from invalid_requests import invalid_requests
 
 from preble_hpc import client as client_cli
 from preble_hpc._proto import preble_pb2 as pb
@@ -209,26 +210,7 @@ def test_64_concurrent_clients_all_get_their_own_complete_stream(shared):
 # ---------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize(
-    ("request_kw", "needle"),
-    [
-        ({}, "no input"),
-        ({"prompt": ""}, "prompt is empty"),
-        ({"token_ids": pb.TokenIds()}, "token_ids is empty"),
-        ({"token_ids": pb.TokenIds(ids=[10**6])}, "out of the vocabulary"),
-        ({"messages": pb.ChatMessages()}, "messages is empty"),
-        ({"prompt": "x" * MAX_MODEL_LEN}, "max_model_len"),
-        ({"token_ids": pb.TokenIds(ids=[5] * MAX_MODEL_LEN)}, "max_model_len"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(max_tokens=0)}, "max_tokens"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(temperature=-0.5)}, "temperature"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(temperature=float("nan"))}, "temperature"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(top_p=0.0)}, "top_p"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(top_p=1.5)}, "top_p"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(top_k=-7)}, "top_k"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(stop=[""])}, "stop"),
-        ({"prompt": "x", "request_id": "r" * 300}, "request_id"),
-    ],
-)
+@pytest.mark.parametrize(("request_kw", "needle"), invalid_requests(MAX_MODEL_LEN))
 def test_bad_requests_are_invalid_argument_with_a_clear_message(shared, request_kw, needle):
     err = rpc_error(lambda: generate(shared.stub, **request_kw))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
