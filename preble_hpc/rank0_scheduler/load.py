@@ -17,6 +17,7 @@ entries, amortised O(1) per request.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 
@@ -38,18 +39,46 @@ class _Entry:
 class _TtftHalves:
     """TTFT samples of one rank split at ``now - H/2``: older half and newer half, with sums."""
 
-    __slots__ = ("old", "new", "old_sum", "new_sum")
+    __slots__ = ("old", "new", "old_sum", "new_sum", "cached", "cached_until", "cached_min")
 
     def __init__(self) -> None:
         self.old: deque[tuple[float, float]] = deque()
         self.new: deque[tuple[float, float]] = deque()
         self.old_sum = 0.0
         self.new_sum = 0.0
+        # The last growth computed, valid until a sample arrives or one crosses a boundary: the
+        # rebalancer asks on every exploit decision, samples change far less often.
+        self.cached = 1.0
+        self.cached_until = -math.inf
+        self.cached_min = -1
+
+    def add(self, t: float, ttft_s: float) -> None:
+        self.new.append((t, ttft_s))
+        self.new_sum += ttft_s
+        self.cached_until = -math.inf
+
+    def growth(self, now: float, window_s: float, min_samples: int) -> float:
+        """Mean TTFT of the newer half over the older half (1.0 without enough samples)."""
+        if now < self.cached_until and min_samples == self.cached_min:
+            return self.cached
+        half = window_s / 2
+        self.advance(now - half, now - window_s)
+        old, new = self.old, self.new
+        old_n, new_n = len(old), len(new)
+        if old_n < min_samples or new_n < min_samples or self.old_sum <= 0.0:
+            value = 1.0
+        else:
+            value = (self.new_sum / new_n) / (self.old_sum / old_n)
+        # Next change: the oldest new sample crosses into the older half, or the oldest old
+        # sample leaves the window.
+        self.cached_until = min(
+            new[0][0] + half if new else math.inf, old[0][0] + window_s if old else math.inf
+        )
+        self.cached, self.cached_min = value, min_samples
+        return value
 
     def advance(self, middle: float, horizon: float) -> None:
         new, old = self.new, self.old
-        if (not new or new[0][0] > middle) and (not old or old[0][0] > horizon):
-            return  # nothing moves (the usual case between samples)
         while new and new[0][0] <= middle:
             sample = new.popleft()
             self.new_sum -= sample[1]
@@ -136,8 +165,7 @@ class LoadTracker:
     def record_ttft(self, rank: int, ttft_s: float) -> None:
         halves = self._ttft.get(rank)
         if halves is not None:
-            halves.new.append((self.clock(), ttft_s))
-            halves.new_sum += ttft_s
+            halves.add(self.clock(), ttft_s)
 
     def _kill(self, e: _Entry) -> None:
         if not e.alive:
@@ -197,9 +225,4 @@ class LoadTracker:
         halves = self._ttft.get(rank)
         if halves is None:
             return 1.0
-        t = self.clock() if now is None else now
-        halves.advance(t - self.window_s / 2, t - self.window_s)
-        old_n, new_n = len(halves.old), len(halves.new)
-        if old_n < min_samples or new_n < min_samples or halves.old_sum <= 0.0:
-            return 1.0
-        return (halves.new_sum / new_n) / (halves.old_sum / old_n)
+        return halves.growth(self.clock() if now is None else now, self.window_s, min_samples)

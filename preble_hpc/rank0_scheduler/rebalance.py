@@ -84,6 +84,10 @@ class Rebalancer:
         holders = inp.holders()
         node = prefix_node(m, holders)
         hot = self.hot_trigger(inp, holders, ttft_growth)
+        if hot is None and not (node is not None and node.replicas and d.rank in node.replicas):
+            load = inp.backlog if inp.backlog is not None else inp.load
+            if load[d.rank] <= 0.0:
+                return d  # no rank is lighter than an idle one: the usual exploit, priced once
         chosen_cost = explore_cost(inp, d.rank)
         if hot is not None:
             trigger, why = hot
