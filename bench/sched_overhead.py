@@ -16,14 +16,17 @@ sharing, the way rank 0 sees it live:
   every rank reports LoadStats now and then.
 
 The tree is first filled past ``--warmup-tokens``; then ``--decisions`` requests are timed.
-Columns: ``decisions_per_s`` and ``p50_ms``/``p99_ms`` time ``schedule()`` alone (the decision;
-throughput is the median over ``--chunks`` consecutive chunks, robust to other tenants of the
-machine); ``with_reports_per_s`` divides the decisions by all scheduler time spent (schedule,
-cache reports, Finished, first tokens, load stats). ``rss_mb`` is the whole process (the emulated
-engines' caches included); ``tree_mb`` estimates the tree alone. Python's cyclic GC runs as on rank
-0 of a job (``--gc rank0``: ``tune_gc`` with ``RuntimeConfig``'s generation-0 threshold);
-``--gc default`` keeps Python's thresholds and ``--gc off`` disables it, to show its share (the
-tree's segments are lists, which every collection that reaches them walks).
+Prompts reach the scheduler as rank 0 gets them: lists of fresh int objects (from the tokenizer or
+the gRPC message), which ``Rank0Runtime.submit`` converts to the tree's token array on the
+submitting thread (``as_tokens``). Columns: ``decisions_per_s`` and ``p50_ms``/``p99_ms`` time
+``schedule()`` alone on that array (the decision; throughput is the median over ``--chunks``
+consecutive chunks, robust to other tenants of the machine); ``with_intake_per_s`` adds the
+conversion (``intake_us`` per request); ``with_reports_per_s`` divides the decisions by all
+scheduler time spent (conversion, schedule, cache reports, Finished, first tokens, load stats).
+``rss_mb`` is the whole process (the emulated engines' caches included); ``tree_mb`` estimates the
+tree alone. Python's cyclic GC runs as on rank 0 of a job (``--gc rank0``: ``tune_gc`` with
+``RuntimeConfig``'s generation-0 threshold); ``--gc default`` keeps Python's thresholds and
+``--gc off`` disables it, to show its share.
 ``events_per_decision`` counts cache events; by default an engine reports one EVICTED per evicted
 chain (its topmost block: "that block and everything below it"), ``--per-block-events`` sends one
 per block as a naive KV-event relay would.
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import pickle
 import random
 import statistics
 import sys
@@ -51,6 +55,7 @@ from preble_hpc.messages import (
     WorkerReady,
 )
 from preble_hpc.rank0_scheduler.main import tune_gc
+from preble_hpc.rank0_scheduler.radix_tree import as_tokens
 from preble_hpc.rank0_scheduler.scheduler import GlobalScheduler
 
 BLOCK = 16
@@ -58,14 +63,13 @@ VOCAB = 128_000
 
 
 def tree_mb(sched: GlobalScheduler) -> float:
-    """Rough size of the tree itself: nodes, their segments, child dicts, holder sets, plus 28 bytes
-    per token for the int objects the segments keep alive (an upper bound: ints are shared)."""
+    """Rough size of the tree itself: nodes, their token arrays, child dicts, holder sets."""
     total = 0
     stack = [sched.tree.root]
     while stack:
         node = stack.pop()
         total += sys.getsizeof(node) + sys.getsizeof(node.seg) + sys.getsizeof(node.children)
-        total += sys.getsizeof(node.ranks) + 28 * len(node.seg)
+        total += sys.getsizeof(node.ranks)
         stack.extend(node.children.values())
     return total / 2**20
 
@@ -210,6 +214,7 @@ def run_row(ranks: int, prompt_tokens: int, args) -> dict:
     pending: list[tuple[str, int, int, int]] = []  # (id, rank, prompt tokens, cached)
     lat: list[float] = []
     others: list[float] = []
+    intake: list[float] = []
     events = 0
     perf = time.perf_counter
     i = 0
@@ -219,12 +224,17 @@ def run_row(ranks: int, prompt_tokens: int, args) -> dict:
         i += 1
         clock_t[0] += dt
         prompt = next(work)
-        tokens = list(prompt)  # what rank 0 gets: Submit.prompt_token_ids is a list
+        # What rank 0 gets: a list of fresh int objects from the tokenizer or the gRPC message,
+        # never the objects of an earlier prompt (which would make every comparison an identity
+        # check and flatter a tree of Python ints ~20x).
+        tokens = pickle.loads(pickle.dumps(list(prompt)))
         rid = f"r{i}"
+        t_in = perf()
+        key = as_tokens(tokens)
         t0 = perf()
-        d = sched.schedule(rid, tokens, args.max_tokens)
+        d = sched.schedule(rid, key, args.max_tokens)
         t1 = perf()
-        del tokens
+        del tokens, key
         report = engines[d.rank].run(prompt)
         msg = CacheReport(d.rank, report)
         t2 = perf()
@@ -243,7 +253,8 @@ def run_row(ranks: int, prompt_tokens: int, args) -> dict:
             t3 += perf() - t4
         if timed:
             lat.append(t1 - t0)
-            others.append(t3 - t2)
+            intake.append(t0 - t_in)
+            others.append(t3 - t2 + t0 - t_in)
             events += len(report)
 
     while sched.tree.total_tokens < args.warmup_tokens:
@@ -255,10 +266,14 @@ def run_row(ranks: int, prompt_tokens: int, args) -> dict:
     # Throughput per chunk of consecutive decisions; the median chunk resists other tenants of
     # the machine (they only ever slow a chunk down).
     size = max(1, len(lat) // args.chunks)
-    chunks = [(lat[k : k + size], others[k : k + size]) for k in range(0, len(lat), size)]
+    chunks = [
+        (lat[k : k + size], others[k : k + size], intake[k : k + size])
+        for k in range(0, len(lat), size)
+    ]
     chunks = [c for c in chunks if len(c[0]) == size]
-    rates = sorted(size / sum(d) for d, _ in chunks)
-    rates_all = sorted(size / (sum(d) + sum(o)) for d, o in chunks)
+    rates = sorted(size / sum(d) for d, _, _ in chunks)
+    rates_intake = sorted(size / (sum(d) + sum(c)) for d, _, c in chunks)
+    rates_all = sorted(size / (sum(d) + sum(o)) for d, o, _ in chunks)
     lat.sort()
     n = len(lat)
     stats = sched.stats()
@@ -274,6 +289,8 @@ def run_row(ranks: int, prompt_tokens: int, args) -> dict:
         "tree_mb": round(tree_mb(sched), 1),
         "forgotten_tokens": sched.tree.forgotten_tokens,
         "gc": args.gc,
+        "with_intake_per_s": round(statistics.median(rates_intake), 1),
+        "intake_us": round(statistics.mean(intake) * 1e6, 2),
         "with_reports_per_s": round(statistics.median(rates_all), 1),
         "events_per_decision": round(events / n, 2),
         "tree_cap_tokens": args.tree_cap,
@@ -323,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     header = (
         f"{'ranks':>5} {'prompt':>6} {'dec/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'tree tok':>9} {'rss MB':>7} {'w/ reports/s':>12} {'ev/dec':>6}"
+        f"{'tree tok':>9} {'rss MB':>7} {'w/ intake/s':>11} {'w/ reports/s':>12} {'ev/dec':>6}"
     )
     print(header)
     for ranks in args.ranks:
@@ -333,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{row['ranks']:>5} {row['prompt_tokens']:>6} {row['decisions_per_s']:>9.0f} "
                 f"{row['p50_ms']:>7.3f} {row['p99_ms']:>7.3f} {row['tree_tokens']:>9} "
-                f"{row['rss_mb']:>7.0f} {row['with_reports_per_s']:>12.0f} "
+                f"{row['rss_mb']:>7.0f} {row['with_intake_per_s']:>11.0f} "
+                f"{row['with_reports_per_s']:>12.0f} "
                 f"{row['events_per_decision']:>6.2f}",
                 flush=True,
             )

@@ -27,6 +27,7 @@ import logging
 import queue
 import threading
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,7 @@ from preble_hpc.messages import (
     WorkerReady,
     WorkerStopped,
 )
+from preble_hpc.rank0_scheduler.radix_tree import as_tokens
 
 if TYPE_CHECKING:
     from preble_hpc.rank0_scheduler.policy import Decision
@@ -124,6 +126,9 @@ class _Live:
     text_parts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     rerouted_from: list[int] = field(default_factory=list)
+    #: The prompt in the radix tree's token type, converted on the submitting thread so the loop
+    #: thread's decision does not pay for it; None: not convertible (the scheduler says why).
+    tokens: array | None = None
 
 
 @dataclass(slots=True)
@@ -194,13 +199,18 @@ class Rank0Runtime:
         ``RequestError(kind="resource_exhausted")``; callers that prefer to wait (batch) check
         ``has_room()`` first. Thread-safe."""
         arrival = self._clock()
+        try:
+            tokens: array | None = as_tokens(req.token_ids)
+        except ValueError:
+            tokens = None  # schedule() rejects the raw ids with the reason (invalid_argument)
         with self._slots_lock:  # against shutdown: a command is queued before it closes or never
             closed = self._closed
             if not closed:
                 admitted = self._admitted < self._config.max_inflight
                 if admitted:
                     self._admitted += 1
-                self._commands.put(("submit" if admitted else "reject", req, sink, arrival, stream))
+                command = "submit" if admitted else "reject"
+                self._commands.put((command, req, sink, arrival, stream, tokens))
         if closed:  # no loop left to deliver on: answer on the caller's thread
             sink(
                 self._event(
@@ -353,9 +363,10 @@ class Rank0Runtime:
             n += 1
             kind = command[0]
             if kind == "submit":
-                self._start(_Live(command[1], command[2], command[3], command[4]))
+                req, sink, arrival, stream, tokens = command[1:]
+                self._start(_Live(req, sink, arrival, stream, tokens=tokens))
             elif kind == "reject":
-                req, sink, arrival, stream = command[1:]
+                req, sink, arrival, stream, _ = command[1:]
                 self._counts["rejected"] += 1
                 self._count_error("resource_exhausted")
                 self._deliver(
@@ -423,9 +434,11 @@ class Rank0Runtime:
             self._fail(live, "unavailable", self._no_worker_message())
             return
         try:
-            decision = self._scheduler.schedule(
-                rid, live.req.token_ids, live.req.sampling.max_tokens
-            )
+            tokens = live.tokens if live.tokens is not None else live.req.token_ids
+            decision = self._scheduler.schedule(rid, tokens, live.req.sampling.max_tokens)
+        except ValueError as exc:  # the request itself (token ids out of range, a reused id)
+            self._fail(live, "invalid_argument", str(exc), scheduled=False)
+            return
         except Exception as exc:
             log.exception("scheduler failed on request %s", rid)
             self._fail(

@@ -264,17 +264,15 @@ class GlobalScheduler:
 
     def schedule(self, request_id: str, token_ids: Sequence[int], max_tokens: int) -> Decision:
         """Place one request; records it in flight on the chosen rank and marks that rank as
-        holding the prompt. O(prompt) work at most; a list of token ids (``Submit``'s type) is
-        never copied as a whole, only compared slice by slice against the tree (another sequence
-        type is turned into a list once, the tree's segment type)."""
+        holding the prompt. O(prompt) work at most: the token ids are converted once to the
+        tree's token array (one C loop), then compared node by node in C. Raises ``ValueError``
+        for a request id already in flight or token ids outside [0, 2**32)."""
         if not self._live:
             raise RuntimeError("no live worker rank to schedule on")
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
         now = self.clock()
         self.loads.advance(now)
-        if type(token_ids) is not list:
-            token_ids = list(token_ids)
         n = len(token_ids)
         m = self.tree.match(token_ids)
         inp = self._policy_input(n, max_tokens, m, now)

@@ -145,15 +145,18 @@ def test_bad_requests_fail_alone(cluster):
     cluster.rt.submit(req("long", n_prompt=MAX_MODEL_LEN), sink)
     cluster.rt.submit(ClientRequest("empty", [], SamplingSpec()), sink)
     cluster.rt.submit(req("unlucky", max_tokens=13), sink)  # the worker rejects it
+    cluster.rt.submit(ClientRequest("negative", [5, -1], SamplingSpec()), sink)
     cluster.rt.submit(req("fine"), sink)
-    cluster.drive(lambda: len(sink.finals) == 4)
+    cluster.drive(lambda: len(sink.finals) == 5)
     assert sink.finals["long"].error.kind == "invalid_argument"
     assert "max_model_len" in sink.finals["long"].error.message
     assert sink.finals["empty"].error.kind == "invalid_argument"
     unlucky = sink.finals["unlucky"]
     assert unlucky.error.message == "13 is unlucky" and unlucky.rank in (1, 2)
+    negative = sink.finals["negative"].error
+    assert negative.kind == "invalid_argument" and "token ids must be ints" in negative.message
     assert sink.finals["fine"].ok
-    assert cluster.rt.stats()["runtime"]["errors_by_kind"]["invalid_argument"] == 3
+    assert cluster.rt.stats()["runtime"]["errors_by_kind"]["invalid_argument"] == 4
 
 
 def test_duplicate_live_id_is_rejected_and_the_first_runs_on(cluster):
