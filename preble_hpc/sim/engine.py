@@ -44,8 +44,11 @@ from __future__ import annotations
 
 import heapq
 import math
+from array import array
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from preble_hpc.config import LocalSchedulerConfig, SimConfig
 from preble_hpc.messages import CacheEvent, CacheEventKind, Finished, LoadStats
@@ -177,13 +180,19 @@ class BlockCache:
         while x is not None and x.piece is not None:
             chain.append(x.piece)
             x = x.parent
-        tokens: list[int] = []
+        tokens = array("I")
         end = (block + 1) * self.bs
         for p in reversed(chain):
             tokens += p.tokens()
             if len(tokens) >= end:
                 break
-        return CacheEvent(CacheEventKind.EVICTED, tuple(tokens[:end]), self.bs)
+        return CacheEvent(CacheEventKind.EVICTED, _ids(tokens[:end]), self.bs)
+
+
+def _ids(tokens: Sequence[int]) -> tuple[int, ...]:
+    """Event tokens as they are: the tree reads any int sequence and takes its own token array
+    without a copy, where a tuple of a 10k-token prefix would cost 10k int objects per event."""
+    return cast(tuple[int, ...], tokens)
 
 
 # ---------------------------------------------------------------- engine
@@ -194,7 +203,7 @@ class SimSeq:
     """One request on one engine."""
 
     req: SimRequest
-    tokens: list[int] | None
+    tokens: array | None
     """Prompt token ids (kept until the request ends, for STORED events)."""
     t_arrive: float
     cached_hint: int = 0
@@ -422,7 +431,7 @@ class SimEngine:
         s.path = path
         if added and s.tokens is not None:
             res.events.append(
-                CacheEvent(CacheEventKind.STORED, tuple(s.tokens[: full * self.bs]), self.bs)
+                CacheEvent(CacheEventKind.STORED, _ids(s.tokens[: full * self.bs]), self.bs)
             )
         if s.req.output_tokens <= 1:
             self._finish(s, now, res)
@@ -445,7 +454,7 @@ class SimEngine:
             if added and s.tokens is not None:
                 end = (s.prompt + req.output_piece.n) // self.bs * self.bs
                 toks = s.tokens + req.output_piece.tokens()
-                res.events.append(CacheEvent(CacheEventKind.STORED, tuple(toks[:end]), self.bs))
+                res.events.append(CacheEvent(CacheEventKind.STORED, _ids(toks[:end]), self.bs))
         cache.unpin(s.path)
         s.path = []
         out = req.output_tokens

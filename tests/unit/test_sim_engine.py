@@ -100,7 +100,7 @@ def test_lru_eviction_takes_tail_blocks_of_the_oldest_leaf_and_reports_them():
     (ev,) = events
     assert ev.kind is CacheEventKind.EVICTED and ev.block_tokens == 16
     prompt = shared.tokens() + x.tokens()
-    assert list(ev.token_ids) == prompt[: 4 * 16]  # through block 3, the first one evicted
+    assert list(ev.token_ids) == list(prompt[: 4 * 16])  # through block 3, the first one evicted
     # Evicting x's last block removes the node; then the shared node is a leaf older than y.
     events.clear()
     assert cache.evict(1, 4.0, events) == 1
