@@ -17,7 +17,6 @@ entries, amortised O(1) per request.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable
 
@@ -39,43 +38,25 @@ class _Entry:
 class _TtftHalves:
     """TTFT samples of one rank split at ``now - H/2``: older half and newer half, with sums."""
 
-    __slots__ = ("old", "new", "old_sum", "new_sum", "cached", "cached_until", "cached_min")
+    __slots__ = ("old", "new", "old_sum", "new_sum")
 
     def __init__(self) -> None:
         self.old: deque[tuple[float, float]] = deque()
         self.new: deque[tuple[float, float]] = deque()
         self.old_sum = 0.0
         self.new_sum = 0.0
-        # The last growth computed, valid until a sample arrives or one crosses a boundary: the
-        # rebalancer asks on every exploit decision, samples change far less often.
-        self.cached = 1.0
-        self.cached_until = -math.inf
-        self.cached_min = -1
 
     def add(self, t: float, ttft_s: float) -> None:
         self.new.append((t, ttft_s))
         self.new_sum += ttft_s
-        self.cached_until = -math.inf
 
     def growth(self, now: float, window_s: float, min_samples: int) -> float:
         """Mean TTFT of the newer half over the older half (1.0 without enough samples)."""
-        if now < self.cached_until and min_samples == self.cached_min:
-            return self.cached
-        half = window_s / 2
-        self.advance(now - half, now - window_s)
-        old, new = self.old, self.new
-        old_n, new_n = len(old), len(new)
+        self.advance(now - window_s / 2, now - window_s)
+        old_n, new_n = len(self.old), len(self.new)
         if old_n < min_samples or new_n < min_samples or self.old_sum <= 0.0:
-            value = 1.0
-        else:
-            value = (self.new_sum / new_n) / (self.old_sum / old_n)
-        # Next change: the oldest new sample crosses into the older half, or the oldest old
-        # sample leaves the window.
-        self.cached_until = min(
-            new[0][0] + half if new else math.inf, old[0][0] + window_s if old else math.inf
-        )
-        self.cached, self.cached_min = value, min_samples
-        return value
+            return 1.0
+        return (self.new_sum / new_n) / (self.old_sum / old_n)
 
     def advance(self, middle: float, horizon: float) -> None:
         new, old = self.new, self.old
