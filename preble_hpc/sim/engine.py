@@ -147,9 +147,14 @@ class BlockCache:
 
     def evict(self, need: int, now: float, events: list[CacheEvent] | None) -> int:
         """Free up to ``need`` blocks, least recently used unpinned leaves first, tail blocks of a
-        node first. Appends an EVICTED event per node touched; returns the blocks freed."""
+        node first. Returns the blocks freed.
+
+        Appends one EVICTED event per evicted chain, as the worker's KV-event relay sends them: a
+        node's event is left out when an ancestor of it also lost blocks in this call, because
+        the ancestor's event (its first evicted block and everything below) covers it."""
         freed = 0
         lru = self._lru
+        touched: dict[_Node, int] = {}  # node -> its first evicted block
         while freed < need and lru:
             last, _, nd = heapq.heappop(lru)
             if not nd.alive or nd.refs or nd.children or nd.last != last:
@@ -158,8 +163,7 @@ class BlockCache:
             if take:
                 nd.cached -= take
                 freed += take
-                if events is not None:
-                    events.append(self._evicted_event(nd, nd.start + nd.cached))
+                touched[nd] = nd.start + nd.cached
             if nd.cached == 0:
                 nd.alive = False
                 parent = nd.parent
@@ -171,7 +175,20 @@ class BlockCache:
                 heapq.heappush(lru, (last, _, nd))
         self.blocks -= freed
         self.evicted_blocks += freed
+        if events is not None:
+            for nd, block in touched.items():
+                if not self._has_touched_ancestor(nd, touched):
+                    events.append(self._evicted_event(nd, block))
         return freed
+
+    @staticmethod
+    def _has_touched_ancestor(nd: _Node, touched: dict[_Node, int]) -> bool:
+        x = nd.parent
+        while x is not None:
+            if x in touched:
+                return True
+            x = x.parent
+        return False
 
     def _evicted_event(self, nd: _Node, block: int) -> CacheEvent:
         """EVICTED for global block ``block`` (and, per the contract, everything below it)."""

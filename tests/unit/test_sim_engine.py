@@ -110,6 +110,23 @@ def test_lru_eviction_takes_tail_blocks_of_the_oldest_leaf_and_reports_them():
     assert cache.blocks == 2
 
 
+def test_evicting_a_whole_chain_reports_one_event_at_its_first_block():
+    cache = BlockCache(100, 16)
+    shared, x, y = Piece(1, 32), Piece(2, 64), Piece(3, 64)
+    cache.insert((shared, x), now=1.0)
+    cache.insert((Piece(4, 32), y), now=2.0)
+    events: list = []
+    assert cache.evict(5, now=3.0, events=events) == 5  # x (4 blocks), then block 1 of shared
+    assert cache.match((shared, x))[1] == 1
+    (ev,) = events  # x's own event is covered by its parent's
+    assert list(ev.token_ids) == list(shared.tokens()[:32]) and ev.block_tokens == 16
+    events.clear()
+    assert cache.evict(1, now=4.0, events=events) == 1
+    (ev,) = events
+    assert list(ev.token_ids) == list(shared.tokens()[:16])
+    assert cache.match((Piece(4, 32), y))[1] == 6  # the other chain is untouched
+
+
 def test_pinned_nodes_are_never_evicted():
     cache = BlockCache(100, 16)
     p = Piece(1, 64)
