@@ -15,6 +15,7 @@ Token accounting of one request, as reported in ``Finished``::
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 #: Sampling fields a request may set; anything else is rejected by name (no silent drop).
@@ -82,7 +83,9 @@ class Submit:
     """Run one request on the receiving worker."""
 
     request_id: str
-    prompt_token_ids: list[int]
+    #: A list, or the ``array('I')`` rank 0 sends: it pickles ~4x faster on rank 0 and ~8x faster
+    #: on the worker than a list of Python ints, at 4 bytes a token on the wire.
+    prompt_token_ids: Sequence[int]
     sampling: SamplingSpec
     #: Tokens of the prompt that rank 0's tree believes this rank holds (a hint for the local
     #: scheduler's priority group; the engine's own prefix cache decides what is really reused).

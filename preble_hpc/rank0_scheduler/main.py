@@ -464,7 +464,7 @@ class Rank0Runtime:
             decision.rank,
             Submit(
                 request_id=rid,
-                prompt_token_ids=live.req.token_ids,
+                prompt_token_ids=tokens,
                 sampling=live.req.sampling,
                 cached_hint=decision.cached_tokens,
                 arrival_time=live.arrival,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -200,9 +201,9 @@ class EngineAdapter:
         if not isinstance(spec, SamplingSpec):
             raise ValueError(f"sampling must be a SamplingSpec, got {type(spec).__name__}")
         spec.validate()
-        if not isinstance(prompt_token_ids, (list, tuple)):
+        if not isinstance(prompt_token_ids, (list, tuple, array)):
             raise ValueError(
-                f"prompt_token_ids must be a list of token ids, "
+                f"prompt_token_ids must be a list (or array) of token ids, "
                 f"got {type(prompt_token_ids).__name__}"
             )
         n = len(prompt_token_ids)
@@ -236,7 +237,12 @@ class EngineAdapter:
         from vllm.inputs import TokensPrompt
 
         self.validate(request_id, prompt_token_ids, spec)
-        ids = prompt_token_ids if isinstance(prompt_token_ids, list) else list(prompt_token_ids)
+        if isinstance(prompt_token_ids, list):
+            ids = prompt_token_ids
+        elif isinstance(prompt_token_ids, array):
+            ids = prompt_token_ids.tolist()
+        else:
+            ids = list(prompt_token_ids)
         try:
             self._engine.add_request(
                 request_id, TokensPrompt(prompt_token_ids=ids), _sampling_params(spec)
