@@ -118,6 +118,10 @@ class PolicyInput:
     decode_cost: Callable[[int], float] | None = None
     """D_i: this request's decode time on rank i plus what its decoding adds to the sequences
     already there. ``None``: 0."""
+    eviction_cost_above: Callable[[int, float], float] | None = None
+    """``(rank, bound) -> M_i``, allowed to stop early and return any value above ``bound`` once
+    ``M_i`` exceeds it (``cheapest`` passes what would already lose). ``None``: the full
+    ``eviction_cost``."""
 
     _holders: list[int] | None = field(default=None, init=False, repr=False)
 
@@ -165,6 +169,7 @@ def cheapest(inp: PolicyInput, candidates: Iterable[int]) -> tuple[int | None, f
     load = inp.backlog if inp.backlog is not None else inp.load
     decoding, decode = inp.decoding, inp.decode_cost
     evict, prefill, in_flight = inp.eviction_cost, inp.prefill_cost, inp.in_flight
+    evict_above = inp.eviction_cost_above
     overhead = inp.prefill_overhead
     best: int | None = None
     best_cost = math.inf
@@ -176,7 +181,7 @@ def cheapest(inp: PolicyInput, candidates: Iterable[int]) -> tuple[int | None, f
             base += decode(r)
         if base > best_cost:
             continue
-        c = base + evict(r)
+        c = base + (evict(r) if evict_above is None else evict_above(r, best_cost - base))
         if c < best_cost or (
             c == best_cost
             and best is not None

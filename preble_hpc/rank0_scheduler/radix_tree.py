@@ -26,6 +26,7 @@ their first token.
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -231,19 +232,23 @@ class RadixTree:
         recompute_s: Callable[[int, int], float],
         now: float,
         keep: Match | None = None,
+        bound: float = math.inf,
     ) -> float:
         """Cost of the KV ``rank`` must evict to free ``need_tokens``: for each node it would
         evict (its LRU order), the time to recompute it times its windowed hits per holder.
 
         ``recompute_s(tokens, context)`` is the cost model's marginal prefill time. Nodes of
-        ``keep`` (the request's own matched path) are in use and never evicted.
+        ``keep`` (the request's own matched path) are in use and never evicted. The walk stops as
+        soon as the cost exceeds ``bound`` (it then returns that partial cost, > ``bound``): a
+        policy comparing ranks needs no more than "worse than the best so far", and a full cache
+        can take hundreds of nodes to free a long prompt.
         """
         if need_tokens <= 0:
             return 0.0
         lru = self._rank_lru.get(rank)
         if not lru:
             return 0.0
-        protect = keep.path if keep is not None else ()
+        protect = set(keep.path) if keep is not None else ()
         freed = 0
         cost = 0.0
         for node in lru:
@@ -253,6 +258,8 @@ class RadixTree:
             h = self.hits(node, now)
             if h > 0.0:
                 cost += recompute_s(size, node.start) * h / len(node.ranks)
+                if cost > bound:
+                    return cost
             freed += size
             if freed >= need_tokens:
                 break

@@ -23,6 +23,7 @@ replay; an unknown policy name is a ConfigError listing the valid ones.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -225,14 +226,14 @@ class GlobalScheduler:
                 p = by_cached[c] = prefill_s(n - c, c)
             return p
 
-        def eviction_cost(rank: int) -> float:
+        def eviction_cost(rank: int, bound: float = math.inf) -> float:
             cap = capacity.get(rank)
             if cap is None:
                 return 0.0  # capacity unknown until WorkerReady
             need = held(rank) + n - per_rank.get(rank, 0) - cap
             if need <= 0:
                 return 0.0
-            return tree_eviction_cost(rank, need, recompute_s, now, keep=m)
+            return tree_eviction_cost(rank, need, recompute_s, now, m, bound)
 
         def decode_cost(rank: int) -> float:
             # Its own steps, reading the rank's context plus its own, and its own context read
@@ -256,6 +257,7 @@ class GlobalScheduler:
             active_blocks=self._active_blocks,
             prefill_cost=prefill_cost,
             eviction_cost=eviction_cost,
+            eviction_cost_above=eviction_cost,
             backlog=self._backlog,
             decoding=self._decoding,
             decode_cost=decode_cost,

@@ -89,6 +89,25 @@ def test_e2_explore_minimises_load_plus_eviction_plus_prefill():
     assert "min L+M+P=0.9000s" in d.reason
 
 
+def test_cheapest_bounds_the_eviction_walk_by_the_best_cost_so_far():
+    # L+P: rank1 = 0.5 + 0.7 = 1.2 (no eviction); ranks 2 and 3 = 0 + 1.0, so each may spend at
+    # most ~0.2 s on M before it loses: rank 2's 0.5 loses, rank 3's 0.05 wins.
+    calls = []
+    evict = {2: 0.5, 3: 0.05}
+
+    def above(rank, bound):
+        calls.append((rank, bound))
+        return evict.get(rank, 0.0)
+
+    inp = make_input(
+        cached={1: 300}, load={1: 0.5, 2: 0.0, 3: 0.0}, evict=evict, eviction_cost_above=above
+    )
+    d = e2(inp, CFG)
+    assert (d.rank, d.kind) == (3, DecisionKind.EXPLORE)
+    assert [r for r, _ in calls] == [1, 2, 3] and calls[0][1] == float("inf")
+    assert calls[1][1] == pytest.approx(0.2) and calls[2][1] == pytest.approx(0.2)
+
+
 def test_e2_explore_new_request_term_prefers_the_rank_missing_fewer_tokens():
     # Without P (Preble's code) all three cost the same load; P sends it where 400 are cached.
     inp = make_input(cached={3: 400}, load={1: 0.3, 2: 0.3, 3: 0.3})

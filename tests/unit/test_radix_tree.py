@@ -185,6 +185,9 @@ def test_eviction_cost_walks_lru_weighted_by_hits_per_holder():
     keep = t.match([1] * 10)
     assert t.eviction_cost(1, 5, recompute, 3.0, keep=keep) == 20.0
     assert t.eviction_cost(1, 0, recompute, 3.0) == 0.0
+    # A bound stops the walk once the cost exceeds it: the partial cost, never the full one.
+    assert t.eviction_cost(1, 15, recompute, 3.0, bound=30.0) == 40.0
+    assert t.eviction_cost(1, 15, recompute, 3.0, bound=60.0) == 60.0
 
 
 def _lcp(a, b) -> int:
