@@ -6,12 +6,14 @@ workers and ends COMPLETED with exit code 0."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,11 +32,11 @@ BATCH_SBATCH = ROOT / "slurm" / "preble-batch.sbatch"
 BIN = Path(sys.executable).parent
 ENGINE_FLAGS = "--enforce-eager --dtype float32 --kv-cache-gib 1 --seed 0 --max-model-len 4096"
 # The drain check must still have requests open when SIGTERM reaches rank 0 (scancel ->
-# slurmctld -> batch shell -> rank 0). One 4000-token request once finished before that on an
-# idle machine, so the serve job runs one sequence at a time and gets DRAIN_REQUESTS of them:
-# each worker then has at least two back to back (~2 x 8 s), far longer than the signal's trip.
+# slurmctld -> batch shell -> rank 0): the signal goes at the first token of any drain request,
+# which then has 3999 tokens (~10-20 s on CPU) left, far longer than the signal's trip; the
+# serve job runs one sequence at a time, so a second request on the same worker waits meanwhile.
 DRAIN_TOKENS = 4000
-DRAIN_REQUESTS = 4
+DRAIN_REQUESTS = 2
 #: CPU settings: one allocated task slot, three tasks overcommitted on it (2 cores here).
 SBATCH_ARGS = [
     "--nodes=1",
@@ -143,26 +145,35 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
             stats = stub.GetStats(pb.GetStatsRequest(), timeout=30)
             assert [r.rank for r in stats.ranks] == [1, 2] and stats.policy == "e2"
 
-            # Requests open when the stop signal comes must still finish in full. The scancel
-            # process is started before the streams open and released through its stdin: a
-            # subprocess started while the streams were live once took ~40 s to run, by which time
-            # every request had finished.
+            # Requests open when the stop signal comes must still finish in full. Every stream is
+            # read as it arrives, on its own thread (as real clients do: an unread stream stalls
+            # its flow-control window), and the signal goes out at the first token of any of
+            # them, when that request still has DRAIN_TOKENS - 1 to go. The scancel process is
+            # started before the streams and released through its stdin, so nothing forks while
+            # they are live (a subprocess started then once ran ~40 s late).
             signaller = slurm.prepare_scancel("--batch", "--signal=TERM", job)
-            streams = [
-                stub.Generate(
+            first_token = threading.Event()
+
+            def read(i: int) -> list:
+                out = []
+                for response in stub.Generate(
                     pb.GenerateRequest(
                         prompt=f"drain me {i}",
                         sampling=pb.SamplingParams(max_tokens=DRAIN_TOKENS, ignore_eos=True),
                     ),
                     timeout=600,
-                )
-                for i in range(DRAIN_REQUESTS)
-            ]
-            first = next(streams[0])  # running: the job is busy when the signal comes
-            started = time.monotonic()
-            signaller.release()
-            signal_s = time.monotonic() - started
-            replies = [[first, *streams[0]], *(list(s) for s in streams[1:])]
+                ):
+                    out.append(response)
+                    first_token.set()
+                return out
+
+            with concurrent.futures.ThreadPoolExecutor(DRAIN_REQUESTS) as pool:
+                futures = [pool.submit(read, i) for i in range(DRAIN_REQUESTS)]
+                assert first_token.wait(300), "no drain request produced a token"
+                started = time.monotonic()
+                signaller.release()
+                signal_s = time.monotonic() - started
+                replies = [f.result(timeout=600) for f in futures]
         for reply in replies:
             n_tokens = sum(len(r.delta.token_ids) for r in reply)
             assert reply[-1].final.finish_reason == "length" and n_tokens == DRAIN_TOKENS
