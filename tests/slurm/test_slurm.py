@@ -6,15 +6,12 @@ workers and ends COMPLETED with exit code 0."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -28,15 +25,16 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.mpi]
 
 ROOT = Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "slurm" / "preble.sbatch"
+DRAIN_CLIENT = Path(__file__).resolve().parent / "drain_client.py"
 BATCH_SBATCH = ROOT / "slurm" / "preble-batch.sbatch"
 BIN = Path(sys.executable).parent
 ENGINE_FLAGS = "--enforce-eager --dtype float32 --kv-cache-gib 1 --seed 0 --max-model-len 4096"
 # The drain check must still have requests open when SIGTERM reaches rank 0 (scancel ->
-# slurmctld -> batch shell -> rank 0): the signal goes at the first token of any drain request,
-# which then has 3999 tokens (~10-20 s on CPU) left, far longer than the signal's trip; the
-# serve job runs one sequence at a time, so a second request on the same worker waits meanwhile.
+# slurmctld -> batch shell -> rank 0, well under a second). A 4000-token request takes ~5 s on an
+# idle machine, so the serve job runs one sequence at a time and gets DRAIN_REQUESTS of them at
+# once: each worker has two back to back, and the signal goes out when the job reports all open.
 DRAIN_TOKENS = 4000
-DRAIN_REQUESTS = 2
+DRAIN_REQUESTS = 4
 #: CPU settings: one allocated task slot, three tasks overcommitted on it (2 cores here).
 SBATCH_ARGS = [
     "--nodes=1",
@@ -116,6 +114,8 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
         ]
         return "\n".join(parts) + f"\n{slurm.job_info(job)}\n{slurm.daemon_logs()}"
 
+    signaller = None
+    drains: list[subprocess.Popen] = []
     try:
         try:
             slurm.wait_for(
@@ -145,45 +145,44 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
             stats = stub.GetStats(pb.GetStatsRequest(), timeout=30)
             assert [r.rank for r in stats.ranks] == [1, 2] and stats.policy == "e2"
 
-            # Requests open when the stop signal comes must still finish in full. Every stream is
-            # read as it arrives, on its own thread (as real clients do: an unread stream stalls
-            # its flow-control window), and the signal goes out at the first token of any of
-            # them, when that request still has DRAIN_TOKENS - 1 to go. The scancel process is
-            # started before the streams and released through its stdin, so nothing forks while
-            # they are live (a subprocess started then once ran ~40 s late).
-            signaller = slurm.prepare_scancel("--batch", "--signal=TERM", job)
-            first_token = threading.Event()
-
-            def read(i: int) -> list:
-                out = []
-                for response in stub.Generate(
-                    pb.GenerateRequest(
-                        prompt=f"drain me {i}",
-                        sampling=pb.SamplingParams(max_tokens=DRAIN_TOKENS, ignore_eos=True),
-                    ),
-                    timeout=600,
-                ):
-                    out.append(response)
-                    first_token.set()
-                return out
-
-            with concurrent.futures.ThreadPoolExecutor(DRAIN_REQUESTS) as pool:
-                futures = [pool.submit(read, i) for i in range(DRAIN_REQUESTS)]
-                assert first_token.wait(300), "no drain request produced a token"
-                started = time.monotonic()
-                signaller.release()
-                signal_s = time.monotonic() - started
-                replies = [f.result(timeout=600) for f in futures]
-        for reply in replies:
-            n_tokens = sum(len(r.delta.token_ids) for r in reply)
-            assert reply[-1].final.finish_reason == "length" and n_tokens == DRAIN_TOKENS
+        # Requests open when the stop signal comes must still finish in full. The drain requests
+        # come from one separate process (drain_client.py) that opens them all at once, and the
+        # signal goes out once the job itself reports them all in flight: the job runs one
+        # sequence at a time, so each worker still has a whole request queued. Streamed from
+        # inside this process, after the earlier suites, the signal went out only once the
+        # requests had finished, three CI runs in a row (a stream's first token, or a subprocess
+        # started meanwhile, came ~40 s late). scancel is forked before the client and released
+        # through its stdin.
+        signaller = slurm.prepare_scancel("--batch", "--signal=TERM", job)
+        drain = subprocess.Popen(
+            [sys.executable, str(DRAIN_CLIENT), addr, str(DRAIN_REQUESTS), str(DRAIN_TOKENS)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        drains.append(drain)
+        with grpc.insecure_channel(addr) as channel:
+            stub = pb_grpc.PrebleStub(channel)
+            slurm.wait_for(
+                lambda: stub.GetStats(pb.GetStatsRequest(), timeout=30).in_flight >= DRAIN_REQUESTS,
+                120,
+                "the drain requests",
+                interval_s=0.1,
+            )
+        signaller.release()
+        drain_out, drain_err = drain.communicate(timeout=600)
+        assert drain.returncode == 0, drain_err[-3000:]
+        results = [json.loads(line) for line in drain_out.splitlines()]
+        assert [(r["finish_reason"], r["tokens"]) for r in results] == [
+            ("length", DRAIN_TOKENS)
+        ] * DRAIN_REQUESTS, drain_out
 
         slurm.wait_for(lambda: slurm.job_done(job), 300, "the job to end", interval_s=0.5)
         info = slurm.job_info(job)
         assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", report()
         rank0 = (logs / "rank-0.log").read_text(errors="replace")
         draining = re.search(r"draining: health NOT_SERVING, (\d+) request\(s\) open", rank0)
-        assert draining and int(draining[1]) >= 1, f"scancel took {signal_s:.1f} s\n{report()}"
+        assert draining and int(draining[1]) >= 1, report()
         assert f"drained: all {draining[1]} open request(s) finished" in rank0, report()
         assert "exited with code 0" in out.read_text(), report()
         assert not addr_file.exists()
@@ -195,6 +194,10 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
     finally:
         if signaller is not None:
             signaller.discard()
+        for proc in drains:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
         if not slurm.job_done(job):
             subprocess.run(["scancel", job], env=slurm.env, timeout=30, check=False)
             try:

@@ -1,0 +1,44 @@
+"""Open N streaming Generate calls at once, read them all to the end, print one JSON line each.
+
+Run as a separate process by the Slurm drain test, so that all the drain requests reach rank 0
+at the same moment and nothing in the test process streams while the job is signalled.
+Usage: python drain_client.py ADDR N MAX_TOKENS
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import sys
+
+import grpc
+
+from preble_hpc._proto import preble_pb2 as pb
+from preble_hpc._proto import preble_pb2_grpc as pb_grpc
+
+
+def read(stub: pb_grpc.PrebleStub, i: int, max_tokens: int) -> dict:
+    tokens = 0
+    finish = None
+    request = pb.GenerateRequest(
+        prompt=f"drain me {i}",
+        sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+    )
+    for response in stub.Generate(request, timeout=600):
+        tokens += len(response.delta.token_ids)
+        if response.HasField("final"):
+            finish = response.final.finish_reason
+    return {"request": i, "tokens": tokens, "finish_reason": finish}
+
+
+def main(addr: str, n: int, max_tokens: int) -> int:
+    with grpc.insecure_channel(addr) as channel:
+        stub = pb_grpc.PrebleStub(channel)
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            for result in pool.map(lambda i: read(stub, i, max_tokens), range(n)):
+                print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
