@@ -28,7 +28,7 @@ __all__ = [
     "check_policy_name",
     "make_policy",
     "e2",
-    "e2_load",
+    "e2_loads",
     "explore_cost",
     "cheapest",
 ]
@@ -147,10 +147,10 @@ class Policy:
 # ---------------------------------------------------------------------- E2
 
 
-def e2_load(inp: PolicyInput, rank: int) -> float:
-    """E2's load ``L`` of a rank: the prefill backlog a new request waits behind (seconds)."""
-    backlog = inp.backlog
-    return (backlog if backlog is not None else inp.load)[rank]
+def e2_loads(inp: PolicyInput) -> Mapping[int, float]:
+    """E2's load ``L`` per rank: the prefill backlog a new request waits behind (seconds), or the
+    windowed load when the caller supplies no backlog."""
+    return inp.backlog if inp.backlog is not None else inp.load
 
 
 def explore_cost(inp: PolicyInput, rank: int) -> float:
@@ -158,7 +158,7 @@ def explore_cost(inp: PolicyInput, rank: int) -> float:
     decoding, decode = inp.decoding, inp.decode_cost
     stalled = decoding[rank] if decoding is not None else 0
     p = inp.prefill_cost(rank)
-    cost = e2_load(inp, rank) + inp.eviction_cost(rank) + p + (p - inp.prefill_overhead) * stalled
+    cost = e2_loads(inp)[rank] + inp.eviction_cost(rank) + p + (p - inp.prefill_overhead) * stalled
     return cost + decode(rank) if decode is not None else cost
 
 
@@ -166,7 +166,7 @@ def cheapest(inp: PolicyInput, candidates: Iterable[int]) -> tuple[int | None, f
     """The candidate with the lowest ``L + M + P`` (``explore_cost``) and that cost (ties: fewest
     in flight, then lowest rank); ``(None, inf)`` for no candidates. ``M`` (the only term that may
     walk the tree) is computed only for ranks whose ``L + P`` alone does not already lose."""
-    load = inp.backlog if inp.backlog is not None else inp.load
+    load = e2_loads(inp)
     decoding, decode = inp.decoding, inp.decode_cost
     evict, prefill, in_flight = inp.eviction_cost, inp.prefill_cost, inp.in_flight
     evict_above = inp.eviction_cost_above

@@ -31,6 +31,7 @@ from preble_hpc.rank0_scheduler.policy import (
     DecisionKind,
     PolicyInput,
     cheapest,
+    e2_loads,
     explore_cost,
 )
 from preble_hpc.rank0_scheduler.radix_tree import Match, Node
@@ -61,7 +62,7 @@ class Rebalancer:
         """``("load" | "ttft", reason)`` when every holder is overloaded, else None."""
         cfg = self.config
         ranks = inp.ranks
-        load = inp.backlog if inp.backlog is not None else inp.load
+        load = e2_loads(inp)
         # An idle holder is never over any multiple of the mean: skip the sum over all ranks
         # (the usual case, on every exploit decision).
         if all(load[h] > 0.0 for h in holders):
@@ -85,7 +86,7 @@ class Rebalancer:
         node = prefix_node(m, holders)
         hot = self.hot_trigger(inp, holders, ttft_growth)
         if hot is None and not (node is not None and node.replicas and d.rank in node.replicas):
-            load = inp.backlog if inp.backlog is not None else inp.load
+            load = e2_loads(inp)
             if load[d.rank] <= 0.0:
                 return d  # no rank is lighter than an idle one: the usual exploit, priced once
         chosen_cost = explore_cost(inp, d.rank)
@@ -123,7 +124,7 @@ class Rebalancer:
     def _rebalance(self, d: Decision, inp: PolicyInput, chosen_cost: float) -> Decision:
         ratio = self.config.rebalance_ratio
         chosen = d.rank
-        load = inp.backlog if inp.backlog is not None else inp.load
+        load = e2_loads(inp)
         heavy = load[chosen]
         # Only ranks lighter than heavy / ratio may take the request: usually none (the chosen
         # holder has no backlog), so most decisions never price another rank.

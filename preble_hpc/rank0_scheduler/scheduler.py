@@ -131,7 +131,6 @@ class GlobalScheduler:
         self._context: dict[int, int] = {}
         self._context_total = 0
         self._has_stats: set[int] = set()
-        self._decision_time = 0.0  # the clock of the decision being made (one read per decision)
         # Mean completion / max_tokens of finished requests (output length estimate), smoothed with
         # the cost fit's forgetting factor.
         self._out_ratio = 1.0
@@ -280,8 +279,8 @@ class GlobalScheduler:
         inp = self._policy_input(n, max_tokens, m, now)
         d = self.policy.decide(inp)
         if self.rebalancer is not None:
-            self._decision_time = now
-            d = self.rebalancer.adjust(d, inp, m, self._ttft_growth)
+            loads, min_samples = self.loads, self.config.ttft_min_samples
+            d = self.rebalancer.adjust(d, inp, m, lambda r: loads.ttft_growth(r, min_samples, now))
         rank = d.rank
         cached = m.per_rank.get(rank, 0)
         new_tokens = n - cached
@@ -302,9 +301,6 @@ class GlobalScheduler:
         self._active_blocks[rank] += blocks
         self.decisions[d.kind.value] += 1
         return d
-
-    def _ttft_growth(self, rank: int) -> float:
-        return self.loads.ttft_growth(rank, self.config.ttft_min_samples, self._decision_time)
 
     # ------------------------------------------------------------------ request events
 

@@ -161,9 +161,6 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         res = self._run(["squeue", "-h", "-j", job_id], check=False)
         return res.returncode == 0 and not res.stdout.strip() or "Invalid job id" in res.stderr
 
-    def scancel(self, *args: str) -> None:
-        self._run(["scancel", *args])
-
     def prepare_scancel(self, *args: str) -> PendingCommand:
         """A ``scancel`` started now that runs only on ``release()`` (no fork at that moment)."""
         proc = subprocess.Popen(
