@@ -169,9 +169,10 @@ class RuntimeConfig:
 
     gc_gen0_threshold: int = 50_000
     """Rank 0 only: Python's generation-0 GC threshold, set once the workers are ready (after
-    ``gc.freeze()`` of the startup heap). The radix tree keeps millions of token ids in lists
-    that every young collection walks; at the default 700 the collector took ~12% of the
-    scheduler's time in ``bench/sched_overhead.py``. 0 keeps Python's defaults."""
+    ``gc.freeze()`` of the startup heap). Every decision allocates a few short-lived objects,
+    and at the default 700 young collections also walk the tree's newest nodes: ~3% of the
+    decision rate and ~15% of its p99 in ``bench/sched_overhead.py`` (``--gc default``). 0 keeps
+    Python's defaults."""
 
     def __post_init__(self) -> None:
         _positive(

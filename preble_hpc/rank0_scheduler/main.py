@@ -686,8 +686,8 @@ def tune_gc(gen0_threshold: int) -> None:
 
     ``gc.freeze()`` moves the startup heap (gRPC, tokenizer, imports) out of every later
     collection. A generation-0 threshold of ``gen0_threshold`` instead of 700 makes young
-    collections rare: each one walks the token lists of the radix tree's newest nodes, and at 700
-    they took ~12% of the scheduler's time (``bench/sched_overhead.py --gc default``). The tree's
+    collections rare: each one walks the radix tree's newest nodes, and at 700 they cost ~3% of
+    the decision rate and ~15% of its p99 (``bench/sched_overhead.py --gc default``). The tree's
     nodes are freed by reference counting when dropped, so fewer collections hold no memory back.
     ``0`` keeps Python's defaults.
     """

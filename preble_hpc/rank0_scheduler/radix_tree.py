@@ -15,13 +15,13 @@ holds go first (oldest first), then, if every node is held, the least recently u
 rank holding the most tokens (the tree then forgets a copy that still exists; counted in
 ``forgotten_tokens``).
 
-Token runs are ``array('q')``: a prompt is converted once per request (one C loop; ``Match.tokens``
+Token runs are ``array('I')``: a prompt is converted once per request (one C loop; ``Match.tokens``
 carries it on to ``hold``), then each node's segment is compared with the slice of the prompt at
 the node's offset by a typed compare in C, whatever int objects the prompt was built from. Lists of
 Python ints would be compared object by object, which is ~20x slower for prompts that arrive over
-gRPC or MPI (fresh int objects, unlike a benchmark that reuses its own), cost 8 bytes per token plus
-the int objects, and be walked by every garbage collection. Children are found by a dict keyed by
-their first token.
+gRPC or MPI (fresh int objects, unlike a benchmark that reuses its own), cost a pointer plus an int
+object per token instead of 4 bytes, and be walked by the garbage collector. Children are found by
+a dict keyed by their first token.
 """
 
 from __future__ import annotations
