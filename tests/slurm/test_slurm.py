@@ -32,9 +32,12 @@ ENGINE_FLAGS = "--enforce-eager --dtype float32 --kv-cache-gib 1 --seed 0 --max-
 # The drain check must still have requests open when SIGTERM reaches rank 0 (scancel ->
 # slurmctld -> batch shell -> rank 0, well under a second). A 4000-token request takes ~5 s on an
 # idle machine, so the serve job runs one sequence at a time and gets DRAIN_REQUESTS of them at
-# once: each worker has two back to back, and the signal goes out when the job reports all open.
+# once: each worker has four back to back, and the signal goes out when the job reports all open.
+# scancel itself once took over 30 s to return in CI while the job was busy (cause not found), so
+# the queue is long enough to outlast that, and scancel gets SCANCEL_TIMEOUT_S.
+SCANCEL_TIMEOUT_S = 180
 DRAIN_TOKENS = 4000
-DRAIN_REQUESTS = 4
+DRAIN_REQUESTS = 8
 #: CPU settings: one allocated task slot, three tasks overcommitted on it (2 cores here).
 SBATCH_ARGS = [
     "--nodes=1",
@@ -148,7 +151,7 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
         # Requests open when the stop signal comes must still finish in full. The drain requests
         # come from one separate process (drain_client.py) that opens them all at once, and the
         # signal goes out once the job itself reports them all in flight: the job runs one
-        # sequence at a time, so each worker still has a whole request queued. Streamed from
+        # sequence at a time, so each worker still has whole requests queued. Streamed from
         # inside this process, after the earlier suites, the signal went out only once the
         # requests had finished, three CI runs in a row (a stream's first token, or a subprocess
         # started meanwhile, came ~40 s late). scancel is forked before the client and released
@@ -169,7 +172,7 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
                 "the drain requests",
                 interval_s=0.1,
             )
-        signaller.release()
+        signaller.release(timeout_s=SCANCEL_TIMEOUT_S)
         drain_out, drain_err = drain.communicate(timeout=600)
         assert drain.returncode == 0, drain_err[-3000:]
         results = [json.loads(line) for line in drain_out.splitlines()]
