@@ -62,9 +62,18 @@ class EngineConfig:
     """vLLM automatic prefix caching; the point of the whole system, on by default."""
     kv_events: bool = True
     """Publish vLLM KV-cache events so rank 0's tree mirrors what the engine really holds."""
+    cpu_cores: tuple[int, ...] | None = None
+    """CPU build only: the cores this engine's OpenMP threads are pinned to (vLLM's
+    ``VLLM_CPU_OMP_THREADS_BIND``, which wins when set). ``None``: vLLM's own choice. The worker
+    fills it in when several workers share a node (``worker_rank/cpu_binding.py``)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "EngineConfig.model is empty: pass --model PATH")
+        cores = self.cpu_cores
+        _require(
+            cores is None or (bool(cores) and all(isinstance(c, int) and c >= 0 for c in cores)),
+            f"EngineConfig.cpu_cores must be None or core ids >= 0, got {cores!r}",
+        )
         _positive(self, "max_model_len", "kv_cache_gib", "max_num_seqs", "max_num_batched_tokens")
         _positive(self, "tensor_parallel_size", "block_size")
         _require(

@@ -22,6 +22,7 @@ import pickle
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 #: MPI tag of every preble message batch (one tag: ordering per source is then guaranteed).
@@ -33,6 +34,18 @@ _MIN_SLEEP_S = 50e-6
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
 
 
+@dataclass(frozen=True, slots=True)
+class NodePeer:
+    """One rank of the job on this node, and the CPUs it may run on (empty: unknown)."""
+
+    rank: int
+    cpus: frozenset[int]
+
+
+def _allowed_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
 class TransportError(RuntimeError):
     """The transport cannot work as launched (e.g. mismatched MPI libraries)."""
 
@@ -42,6 +55,8 @@ class Transport(Protocol):
 
     rank: int
     size: int
+    node_peers: tuple[NodePeer, ...]
+    """The ranks on this rank's node (itself included) and their CPUs; empty when unknown."""
 
     def send(self, dest: int, msg: object) -> None:
         """Queue ``msg`` for ``dest``; nothing leaves before ``flush``."""
@@ -118,10 +133,21 @@ class MpiTransport:
                 f"the mpiexec of the same MPI (the mpich wheel's: .venv/bin/mpiexec), or "
                 f"`srun --mpi=pmi2` for mpich / `--mpi=pmix` for Open MPI."
             )
+        self.node_peers = self._node_peers()
         self._outbox: dict[int, list[object]] = {}
         self._pending: list[Any] = []  # isend requests not known complete (they own the buffers)
         self._sleep = _AdaptiveSleep(idle_sleep_s)
         self._closed = False
+
+    def _node_peers(self) -> tuple[NodePeer, ...]:
+        # One collective, at start only: the workers of a CPU-only node split its cores between
+        # their engines (worker_rank/cpu_binding.py).
+        node = self.comm.Split_type(self._mpi.COMM_TYPE_SHARED)
+        try:
+            peers = node.allgather((self.rank, _allowed_cpus()))
+        finally:
+            node.Free()
+        return tuple(NodePeer(rank, frozenset(cpus)) for rank, cpus in peers)
 
     def send(self, dest: int, msg: object) -> None:
         if not 0 <= dest < self.size or dest == self.rank:
@@ -199,6 +225,7 @@ class InProcessTransport:
         self._hub = hub
         self.rank = rank
         self.size = len(hub.inboxes)
+        self.node_peers: tuple[NodePeer, ...] = ()  # threads, not ranks: no node to share
         self._pickle = pickle_messages
         self._outbox: dict[int, list[object]] = {}
         self._closed = False

@@ -25,6 +25,7 @@ from typing import Any
 
 from preble_hpc.config import EngineConfig
 from preble_hpc.messages import CacheEvent, SamplingSpec
+from preble_hpc.worker_rank.cpu_binding import format_cpu_list
 from preble_hpc.worker_rank.kv_events import KVEventSubscriber
 
 log = logging.getLogger("preble_hpc.engine")
@@ -33,6 +34,7 @@ _GIB = 1 << 30
 #: vLLM's legacy CPU knob; it overrides ``kv_cache_memory_bytes`` when set, so an explicit
 #: ``kv_cache_gib`` removes it (it only takes whole GiB).
 _CPU_KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
+_CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 
 
 @dataclass(slots=True)
@@ -156,6 +158,18 @@ class _StatsSink:
             self.hits += prefix.hits
 
 
+def _pin_cpu_threads(cores: tuple[int, ...] | None) -> None:
+    """On vLLM's CPU build, pin this engine's OpenMP threads to ``cores`` unless the user set
+    ``VLLM_CPU_OMP_THREADS_BIND`` (the engine process reads it; GPU builds ignore it)."""
+    if cores is None or _CPU_BIND_ENV in os.environ:
+        return
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        os.environ[_CPU_BIND_ENV] = format_cpu_list(cores)
+        log.info("CPU engine threads pinned to cores %s", os.environ[_CPU_BIND_ENV])
+
+
 class EngineAdapter:
     """One vLLM engine with prefix caching and KV events (see the module docstring)."""
 
@@ -165,6 +179,7 @@ class EngineAdapter:
         self.config = config
         if config.kv_cache_gib is not None:
             os.environ.pop(_CPU_KV_ENV, None)
+        _pin_cpu_threads(config.cpu_cores)
         self._events = KVEventSubscriber() if config.kv_events else None
         self._stats = _StatsSink()
         try:

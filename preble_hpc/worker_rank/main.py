@@ -19,6 +19,7 @@ Fault injection for tests: ``PREBLE_INJECT_FAULT=RANK:startup`` fails that rank'
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import traceback
@@ -35,6 +36,7 @@ from preble_hpc.messages import (
     WorkerFailed,
     WorkerStopped,
 )
+from preble_hpc.worker_rank.cpu_binding import worker_cores
 
 if TYPE_CHECKING:
     from preble_hpc.transport import Transport
@@ -97,6 +99,9 @@ def run_worker(
         faults = _FaultPlan(rank, os.environ.get(FAULT_ENV, ""))
         faults.check_startup()
         factory = worker_factory or _default_factory()
+        cores = worker_cores(rank, transport.node_peers)
+        if cores is not None and engine_config.cpu_cores is None:
+            engine_config = dataclasses.replace(engine_config, cpu_cores=cores)
         worker = factory(
             engine_config, local_config, rank, stats_interval_s=runtime_config.stats_interval_s
         )

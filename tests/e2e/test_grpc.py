@@ -416,6 +416,40 @@ def test_client_cli_streams_and_reports_errors(server):
 # ---------------------------------------------------------------------------- drain (last)
 
 
+def _cpus_of_vllm_workers(session: int) -> list[str]:
+    """Cpus_allowed_list of every vLLM model-runner process in the job's session."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) != session:
+                continue
+            status = Path(f"/proc/{pid}/status").read_text()
+        except (OSError, ProcessLookupError):
+            continue
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        if fields.get("Name", "").startswith("VLLM::Worker"):
+            found.append(fields["Cpus_allowed_list"].strip())
+    return sorted(found)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to split")
+def test_the_two_cpu_engines_run_on_separate_cores(server):
+    # vLLM's CPU build alone pins every engine on a node to the same core.
+    assert server.log.read_text(errors="replace").count("CPU engine threads pinned to cores") == 2
+    cpus = _cpus_of_vllm_workers(server.proc.pid)
+    assert len(cpus) == 2 and cpus[0] != cpus[1], cpus
+    sets = [set(_expand(c)) for c in cpus]
+    assert not sets[0] & sets[1], cpus
+
+
+def _expand(cpu_list: str) -> list[int]:
+    out: list[int] = []
+    for part in cpu_list.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def test_sigterm_drains_open_streams_then_exits_0(server):
     """Runs last. SIGTERM goes to rank 0 only, as slurm/preble.sbatch sends it: mpiexec (and
     plain scancel) signal every process, vLLM's engine helper processes included."""

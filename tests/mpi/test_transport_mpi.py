@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from mpi_helpers import run
@@ -20,6 +21,9 @@ def test_batches_arrive_in_order_and_idle_ranks_do_not_spin(mpiexec):
     for rank, cpu_s in result["idle_cpu_s"].items():
         # a rank spinning in Iprobe would use ~1 s of CPU in the 1 s idle window
         assert cpu_s < 0.25 * result["idle_s"], f"rank {rank} used {cpu_s:.3f} s CPU idling"
+    # All three ranks share this node and its CPUs (what the workers split between engines).
+    cpus = sorted(os.sched_getaffinity(0))
+    assert result["node_peers"] == [[r, cpus] for r in range(3)]
 
 
 def test_mismatched_launch_is_caught(mpiexec, tmp_path):

@@ -2,7 +2,8 @@
 
 Rank 0 sends each worker 200 Submit messages in batches of 20, workers echo each back as a
 TokenDelta; then rank 0 goes quiet for 1 s while the workers poll, and each worker reports the
-CPU time it used meanwhile. Rank 0 prints one JSON line with what it saw."""
+CPU time it used meanwhile. Rank 0 prints one JSON line with what it saw (and the node peers
+its transport found)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def rank0(t: MpiTransport) -> None:
                 "round_trip_s": round_trip_s,
                 "idle_cpu_s": idle_cpu,
                 "idle_s": IDLE_S,
+                "node_peers": [[p.rank, sorted(p.cpus)] for p in t.node_peers],
             }
         ),
         flush=True,

@@ -10,6 +10,7 @@ See ../shared/ci/slurm-recipe.md for what this was measured on.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import socket
@@ -56,6 +57,11 @@ class SlurmCluster:
         for sub in ("ctld", "d", "log", "run"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        # A fresh cluster would number its jobs from 1 every time, and the mpich wheel names its
+        # shared-memory segment after the PMI job id ("1.0"): a segment left in /dev/shm by a job
+        # killed earlier (a failed run's cleanup) then hangs the next job 1's MPI_Init (seen
+        # here, spinning for 10 minutes). A random first id never repeats one.
+        self.first_job_id = random.SystemRandom().randrange(1000, 60_000_000)
 
     def write_conf(self) -> None:
         hw = node_hardware()
@@ -63,6 +69,7 @@ class SlurmCluster:
         r = self.root
         self.conf.write_text(f"""\
 ClusterName=preblet
+FirstJobId={self.first_job_id}
 SlurmctldHost=localhost
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
