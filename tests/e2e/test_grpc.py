@@ -416,19 +416,24 @@ def test_client_cli_streams_and_reports_errors(server):
 # ---------------------------------------------------------------------------- drain (last)
 
 
-def _cpus_of_vllm_workers(session: int) -> list[str]:
-    """Cpus_allowed_list of every vLLM model-runner process in the job's session."""
-    found = []
+def _cpus_of_vllm_workers(root: int) -> list[str]:
+    """Cpus_allowed_list of every vLLM model-runner process descending from ``root``."""
+    status: dict[int, dict[str, str]] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if os.getsid(int(pid)) != session:
-                continue
-            status = Path(f"/proc/{pid}/status").read_text()
-        except (OSError, ProcessLookupError):
+            text = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
             continue
-        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-        if fields.get("Name", "").startswith("VLLM::Worker"):
-            found.append(fields["Cpus_allowed_list"].strip())
+        status[int(pid)] = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+    children: dict[int, list[int]] = {}
+    for pid, fields in status.items():
+        children.setdefault(int(fields.get("PPid", "0")), []).append(pid)
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        if status.get(pid, {}).get("Name", "").startswith("VLLM::Worker"):
+            found.append(status[pid]["Cpus_allowed_list"].strip())
     return sorted(found)
 
 

@@ -1,4 +1,7 @@
-"""Open N streaming Generate calls at once, read them all to the end, print one JSON line each.
+"""Open N streaming Generate calls at once and read them all to the end, printing JSON lines:
+``{"event": "first_token", "request": i}`` as soon as request i streams its first token, then one
+``{"event": "done", ...}`` per request (tokens received, finish reason, or the gRPC status code
+that ended it).
 
 Run as a separate process by the Slurm drain test, so that all the drain requests reach rank 0
 at the same moment and nothing in the test process streams while the job is signalled.
@@ -10,11 +13,19 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import sys
+import threading
 
 import grpc
 
 from preble_hpc._proto import preble_pb2 as pb
 from preble_hpc._proto import preble_pb2_grpc as pb_grpc
+
+_print_lock = threading.Lock()
+
+
+def emit(record: dict) -> None:
+    with _print_lock:
+        print(json.dumps(record), flush=True)
 
 
 def read(stub: pb_grpc.PrebleStub, i: int, max_tokens: int) -> dict:
@@ -24,11 +35,16 @@ def read(stub: pb_grpc.PrebleStub, i: int, max_tokens: int) -> dict:
         prompt=f"drain me {i}",
         sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
     )
-    for response in stub.Generate(request, timeout=600):
-        tokens += len(response.delta.token_ids)
-        if response.HasField("final"):
-            finish = response.final.finish_reason
-    return {"request": i, "tokens": tokens, "finish_reason": finish}
+    try:
+        for response in stub.Generate(request, timeout=600):
+            if tokens == 0 and response.delta.token_ids:
+                emit({"event": "first_token", "request": i})
+            tokens += len(response.delta.token_ids)
+            if response.HasField("final"):
+                finish = response.final.finish_reason
+    except grpc.RpcError as exc:
+        return {"request": i, "tokens": tokens, "finish_reason": None, "code": exc.code().name}
+    return {"request": i, "tokens": tokens, "finish_reason": finish, "code": "OK"}
 
 
 def main(addr: str, n: int, max_tokens: int) -> int:
@@ -36,7 +52,7 @@ def main(addr: str, n: int, max_tokens: int) -> int:
         stub = pb_grpc.PrebleStub(channel)
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
             for result in pool.map(lambda i: read(stub, i, max_tokens), range(n)):
-                print(json.dumps(result), flush=True)
+                emit({"event": "done", **result})
     return 0
 
 
