@@ -17,6 +17,7 @@ entries, amortised O(1) per request.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 
@@ -38,25 +39,42 @@ class _Entry:
 class _TtftHalves:
     """TTFT samples of one rank split at ``now - H/2``: older half and newer half, with sums."""
 
-    __slots__ = ("old", "new", "old_sum", "new_sum")
+    __slots__ = ("old", "new", "old_sum", "new_sum", "_value", "_valid_until", "_min_samples")
 
     def __init__(self) -> None:
         self.old: deque[tuple[float, float]] = deque()
         self.new: deque[tuple[float, float]] = deque()
         self.old_sum = 0.0
         self.new_sum = 0.0
+        self._value = 1.0
+        self._valid_until = -math.inf
+        self._min_samples = 0
 
     def add(self, t: float, ttft_s: float) -> None:
         self.new.append((t, ttft_s))
         self.new_sum += ttft_s
+        self._valid_until = -math.inf
 
     def growth(self, now: float, window_s: float, min_samples: int) -> float:
-        """Mean TTFT of the newer half over the older half (1.0 without enough samples)."""
+        """Mean TTFT of the newer half over the older half (1.0 without enough samples).
+
+        The value changes only when a sample is added or crosses a half's boundary, so it is
+        kept until then: every exploit decision asks it for each holder of the prefix."""
+        if now < self._valid_until and min_samples == self._min_samples:
+            return self._value
         self.advance(now - window_s / 2, now - window_s)
-        old_n, new_n = len(self.old), len(self.new)
+        old, new = self.old, self.new
+        old_n, new_n = len(old), len(new)
         if old_n < min_samples or new_n < min_samples or self.old_sum <= 0.0:
-            return 1.0
-        return (self.new_sum / new_n) / (self.old_sum / old_n)
+            value = 1.0
+        else:
+            value = (self.new_sum / new_n) / (self.old_sum / old_n)
+        self._value, self._min_samples = value, min_samples
+        self._valid_until = min(
+            new[0][0] + window_s / 2 if new else math.inf,
+            old[0][0] + window_s if old else math.inf,
+        )
+        return value
 
     def advance(self, middle: float, horizon: float) -> None:
         new, old = self.new, self.old
@@ -109,11 +127,19 @@ class LoadTracker:
     # ------------------------------------------------------------------ updates
 
     def add(
-        self, request_id: str, rank: int, cost_s: float, prompt_tokens: int, cached_tokens: int
+        self,
+        request_id: str,
+        rank: int,
+        cost_s: float,
+        prompt_tokens: int,
+        cached_tokens: int,
+        now: float | None = None,
     ) -> None:
-        """A request was placed on ``rank`` with estimated GPU time ``cost_s``."""
-        self.add_rank(rank)
-        e = _Entry(self.clock(), rank, cost_s, prompt_tokens, cached_tokens)
+        """A request was placed on ``rank`` at ``now`` (default: the clock) with estimated GPU
+        time ``cost_s``."""
+        if rank not in self.cost:
+            self.add_rank(rank)
+        e = _Entry(self.clock() if now is None else now, rank, cost_s, prompt_tokens, cached_tokens)
         self._entries.append(e)
         self.cost[rank] += cost_s
         self.prompt[rank] += prompt_tokens

@@ -123,16 +123,18 @@ class PolicyInput:
     ``M_i`` exceeds it (``cheapest`` passes what would already lose). ``None``: the full
     ``eviction_cost``."""
 
-    _holders: list[int] | None = field(default=None, init=False, repr=False)
+    deepest_holders: list[int] | None = None
+    """The ranks holding the longest prefix, ascending, when the caller knows them already (the
+    tree's match does); ``None``: ``holders()`` finds them in ``per_rank_cached``."""
 
     def holders(self) -> list[int]:
         """Ranks holding the longest cached prefix, ascending (computed once)."""
-        if self._holders is None:
+        if self.deepest_holders is None:
             c = self.cached
-            self._holders = (
+            self.deepest_holders = (
                 sorted(r for r, n in self.per_rank_cached.items() if n == c) if c > 0 else []
             )
-        return self._holders
+        return self.deepest_holders
 
 
 class Policy:

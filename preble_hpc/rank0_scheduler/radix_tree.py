@@ -95,6 +95,8 @@ class Match:
     """Longest prefix of the prompt held by any rank (``max(per_rank.values())`` or 0)."""
     tokens: array
     """The prompt as the tree's token type (converted once; ``hold`` reuses it)."""
+    holders: list[int]
+    """The ranks holding the longest prefix (``per_rank[r] == cached``), ascending."""
 
 
 def as_tokens(tokens: Sequence[int]) -> array:
@@ -151,7 +153,8 @@ class RadixTree:
         """Longest match of ``tokens`` in the tree and, per rank, the prefix it holds."""
         tokens = as_tokens(tokens)
         path, length, tail = self._walk(tokens)
-        return Match(path, length, tail, *self._per_rank(path, tail), tokens)
+        per_rank, cached, holders = self._per_rank(path, tail)
+        return Match(path, length, tail, per_rank, cached, tokens, holders)
 
     def _walk(self, tokens: array) -> tuple[list[Node], int, int]:
         """Matched path, matched length, tokens matched in the last node."""
@@ -181,13 +184,14 @@ class RadixTree:
         return path, i, tail
 
     @staticmethod
-    def _per_rank(path: list[Node], tail: int) -> tuple[dict[int, int], int]:
+    def _per_rank(path: list[Node], tail: int) -> tuple[dict[int, int], int, list[int]]:
         per_rank: dict[int, int] = {}
         if not path:
-            return per_rank, 0
+            return per_rank, 0, []
         everyone = len(path[0].ranks)  # holder sets shrink going down: path[0] has all of them
         last = len(path) - 1
         cached = 0
+        holders: list[int] = []
         for idx in range(last, -1, -1):
             ranks = path[idx].ranks
             if not ranks:
@@ -197,11 +201,12 @@ class RadixTree:
             if not per_rank:
                 per_rank = dict.fromkeys(ranks, end)  # the deepest holders: the longest prefix
                 cached = end
+                holders = sorted(ranks)
             elif len(ranks) > len(per_rank):
                 per_rank.update(dict.fromkeys(ranks.difference(per_rank), end))
             if len(per_rank) == everyone:
                 break
-        return per_rank, cached
+        return per_rank, cached, holders
 
     def held_tokens(self, rank: int) -> int:
         """Tokens the tree believes ``rank`` holds."""

@@ -261,6 +261,7 @@ class GlobalScheduler:
             decoding=self._decoding,
             decode_cost=decode_cost,
             prefill_overhead=self.cost.prefill_base_s,
+            deepest_holders=m.holders,
         )
 
     def schedule(self, request_id: str, token_ids: Sequence[int], max_tokens: int) -> Decision:
@@ -289,7 +290,7 @@ class GlobalScheduler:
         if n:
             self.tree.record_hit(m, now)
             self.tree.hold(token_ids, rank, now, m)
-        self.loads.add(request_id, rank, estimate, n, cached)
+        self.loads.add(request_id, rank, estimate, n, cached, now)
         blocks = -(-n // self._block_size[rank])
         self._requests[request_id] = _Request(rank, now, n, new_tokens, blocks, max_tokens, prefill)
         self._in_flight[rank] += 1

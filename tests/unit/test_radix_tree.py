@@ -54,7 +54,10 @@ def test_split_on_branch_keeps_holders_and_counts():
     assert (t.total_tokens, t.num_nodes) == (7, 3)
     assert (t.held_tokens(1), t.held_tokens(2)) == (4, 5)
     m = t.match([1, 2, 3, 4])
-    assert m.per_rank == {1: 4, 2: 2} and m.cached == 4
+    assert m.per_rank == {1: 4, 2: 2} and m.cached == 4 and m.holders == [1]
+    t.hold([1, 2, 3, 4], 3, 0.0)
+    assert t.match([1, 2, 3, 4, 5]).holders == [1, 3]  # the longest prefix's holders, ascending
+    assert t.match([1, 2]).holders == [1, 2, 3] and t.match([9]).holders == []
     t.check_invariants()
 
 
