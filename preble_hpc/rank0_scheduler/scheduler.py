@@ -200,7 +200,9 @@ class GlobalScheduler:
 
     # ------------------------------------------------------------------ decisions
 
-    def _policy_input(self, n: int, max_tokens: int, m: Match, now: float) -> PolicyInput:
+    def _policy_input(
+        self, n: int, max_tokens: int, out_tokens: int, m: Match, now: float
+    ) -> PolicyInput:
         per_rank = m.per_rank
         prefill_s = self.cost.prefill_s
         by_cached: dict[int, float] = {}  # P depends on the rank only through its cached tokens
@@ -209,7 +211,6 @@ class GlobalScheduler:
         tree_eviction_cost = self.tree.eviction_cost
         recompute_s = self.cost.recompute_s
         in_flight = self._in_flight
-        out_tokens = max(1, round(max_tokens * self._out_ratio))
         step_base, per_seq = self.cost.decode_step_base_s, self.cost.decode_step_per_seq_s
         context = self._context
         # The fitted per-sequence step cost is for the cluster's mean context; a rank's
@@ -277,7 +278,9 @@ class GlobalScheduler:
         self.loads.advance(now)
         n = len(token_ids)
         m = self.tree.match(token_ids)
-        inp = self._policy_input(n, max_tokens, m, now)
+        # Expected output length: max_tokens scaled by what finished requests really produced.
+        out_tokens = max(1, round(max_tokens * self._out_ratio))
+        inp = self._policy_input(n, max_tokens, out_tokens, m, now)
         d = self.policy.decide(inp)
         if self.rebalancer is not None:
             loads, min_samples = self.loads, self.config.ttft_min_samples
@@ -286,7 +289,7 @@ class GlobalScheduler:
         cached = m.per_rank.get(rank, 0)
         new_tokens = n - cached
         prefill = inp.prefill_cost(rank)
-        estimate = prefill + self.cost.decode_s(max(1, round(max_tokens * self._out_ratio)))
+        estimate = prefill + self.cost.decode_s(out_tokens)
         if n:
             self.tree.record_hit(m, now)
             self.tree.hold(token_ids, rank, now, m)

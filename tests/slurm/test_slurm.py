@@ -140,7 +140,7 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
         return "\n".join(parts) + f"\n{slurm.job_info(job)}\n{slurm.daemon_logs()}"
 
     signaller = None
-    drains: list[subprocess.Popen] = []
+    drain: subprocess.Popen | None = None
     try:
         try:
             slurm.wait_for(
@@ -180,7 +180,6 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
             stderr=subprocess.PIPE,
             text=True,
         )
-        drains.append(drain)
         _wait_for_first_token(drain, 180)
         signaller.release(timeout_s=SCANCEL_TIMEOUT_S)
         drain.wait(timeout=600)
@@ -213,10 +212,9 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
     finally:
         if signaller is not None:
             signaller.discard()
-        for proc in drains:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
+        if drain is not None and drain.poll() is None:
+            drain.kill()
+            drain.wait(timeout=30)
         if not slurm.job_done(job):
             subprocess.run(["scancel", job], env=slurm.env, timeout=30, check=False)
             try:
