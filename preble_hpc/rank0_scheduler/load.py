@@ -17,7 +17,6 @@ entries, amortised O(1) per request.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable
 
@@ -36,56 +35,88 @@ class _Entry:
         self.alive = True
 
 
+#: TTFT samples are summed in buckets of H / _TTFT_BUCKETS: the halves' boundaries then move once
+#: per bucket instead of once per sample (with a sample per decision, re-splitting at every one
+#: was ~8% of a decision), at a boundary error of at most one bucket (H/32).
+_TTFT_BUCKETS = 32
+
+
 class _TtftHalves:
-    """TTFT samples of one rank split at ``now - H/2``: older half and newer half, with sums."""
+    """TTFT samples of one rank split at ``now - H/2`` into the older and newer half, each a
+    deque of ``[bucket index, samples, sum]`` with running totals."""
 
-    __slots__ = ("old", "new", "old_sum", "new_sum", "_value", "_valid_until", "_min_samples")
+    __slots__ = (
+        "old",
+        "new",
+        "old_n",
+        "new_n",
+        "old_sum",
+        "new_sum",
+        "_value",
+        "_bucket",
+        "_min_samples",
+        "_width",
+    )
 
-    def __init__(self) -> None:
-        self.old: deque[tuple[float, float]] = deque()
-        self.new: deque[tuple[float, float]] = deque()
-        self.old_sum = 0.0
-        self.new_sum = 0.0
-        self._value = 1.0
-        self._valid_until = -math.inf
+    def __init__(self, window_s: float) -> None:
+        self.old: deque[list] = deque()
+        self.new: deque[list] = deque()
+        self.old_n = self.new_n = 0
+        self.old_sum = self.new_sum = 0.0
+        self._value: float | None = None
+        self._bucket: int | None = None  # the bucket of ``now`` at the last split
         self._min_samples = 0
+        self._width = window_s / _TTFT_BUCKETS
 
     def add(self, t: float, ttft_s: float) -> None:
-        self.new.append((t, ttft_s))
+        b = int(t // self._width)
+        new = self.new
+        if new and new[-1][0] >= b:  # the clock never goes back: same bucket as the last one
+            last = new[-1]
+            last[1] += 1
+            last[2] += ttft_s
+        else:
+            new.append([b, 1, ttft_s])
+        self.new_n += 1
         self.new_sum += ttft_s
-        self._valid_until = -math.inf
+        self._value = None
 
-    def growth(self, now: float, window_s: float, min_samples: int) -> float:
+    def growth(self, now: float, min_samples: int) -> float:
         """Mean TTFT of the newer half over the older half (1.0 without enough samples).
 
-        The value changes only when a sample is added or crosses a half's boundary, so it is
-        kept until then: every exploit decision asks it for each holder of the prefix."""
-        if now < self._valid_until and min_samples == self._min_samples:
-            return self._value
-        self.advance(now - window_s / 2, now - window_s)
-        old, new = self.old, self.new
-        old_n, new_n = len(old), len(new)
-        if old_n < min_samples or new_n < min_samples or self.old_sum <= 0.0:
-            value = 1.0
-        else:
-            value = (self.new_sum / new_n) / (self.old_sum / old_n)
-        self._value, self._min_samples = value, min_samples
-        self._valid_until = min(
-            new[0][0] + window_s / 2 if new else math.inf,
-            old[0][0] + window_s if old else math.inf,
-        )
+        Asked for each holder on every exploit decision, so the ratio is kept until a sample is
+        added or ``now`` enters another bucket."""
+        b = int(now // self._width)
+        if b != self._bucket or min_samples != self._min_samples:
+            self._resplit(b)
+            self._bucket, self._min_samples, self._value = b, min_samples, None
+        value = self._value
+        if value is None:
+            old_n, new_n = self.old_n, self.new_n
+            if old_n < min_samples or new_n < min_samples or self.old_sum <= 0.0:
+                value = 1.0
+            else:
+                value = (self.new_sum / new_n) / (self.old_sum / old_n)
+            self._value = value
         return value
 
-    def advance(self, middle: float, horizon: float) -> None:
+    def _resplit(self, bucket: int) -> None:
+        """Move the buckets at least half a window old to the older half; drop those a whole
+        window old."""
+        half = _TTFT_BUCKETS // 2
         new, old = self.new, self.old
-        while new and new[0][0] <= middle:
-            sample = new.popleft()
-            self.new_sum -= sample[1]
-            old.append(sample)
-            self.old_sum += sample[1]
-        while old and old[0][0] <= horizon:
-            self.old_sum -= old.popleft()[1]
-        if not new:
+        while new and new[0][0] <= bucket - half:
+            entry = new.popleft()
+            self.new_n -= entry[1]
+            self.new_sum -= entry[2]
+            self.old_n += entry[1]
+            self.old_sum += entry[2]
+            old.append(entry)
+        while old and old[0][0] <= bucket - 2 * half:
+            entry = old.popleft()
+            self.old_n -= entry[1]
+            self.old_sum -= entry[2]
+        if not new:  # reset, so float drift never accumulates
             self.new_sum = 0.0
         if not old:
             self.old_sum = 0.0
@@ -113,7 +144,7 @@ class LoadTracker:
             self.prompt[rank] = 0
             self.cached[rank] = 0
             self._count[rank] = 0
-            self._ttft[rank] = _TtftHalves()
+            self._ttft[rank] = _TtftHalves(self.window_s)
 
     def remove_rank(self, rank: int) -> None:
         if self.cost.pop(rank, None) is None:
@@ -232,4 +263,4 @@ class LoadTracker:
         halves = self._ttft.get(rank)
         if halves is None:
             return 1.0
-        return halves.growth(self.clock() if now is None else now, self.window_s, min_samples)
+        return halves.growth(self.clock() if now is None else now, min_samples)

@@ -222,6 +222,10 @@ def e2(inp: PolicyInput, config: SchedulerConfig) -> Decision:
     missing = prompt - cached
     if cached > missing:
         holders = inp.holders()
+        if len(holders) == 1:  # nothing to compare: pricing it would only fill the reason
+            return Decision(
+                holders[0], DecisionKind.EXPLOIT, f"cached {cached} > missing {missing}", cached
+            )
         rank, cost = cheapest(inp, holders)
         assert rank is not None
         return Decision(

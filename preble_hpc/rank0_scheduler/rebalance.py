@@ -63,15 +63,20 @@ class Rebalancer:
         cfg = self.config
         ranks = inp.ranks
         load = e2_loads(inp)
-        # An idle holder is never over any multiple of the mean: skip the sum over all ranks
-        # (the usual case, on every exploit decision).
-        if all(load[h] > 0.0 for h in holders):
+        # Plain loops that stop at the first holder that is not overloaded: this runs on every
+        # exploit decision, and an idle holder (the usual case) ends the load check at once.
+        for h in holders:
+            if load[h] <= 0.0:
+                break
+        else:
             mean = sum(load[r] for r in ranks) / len(ranks)
             if mean > 0.0 and all(load[h] > cfg.replicate_load_ratio * mean for h in holders):
                 return "load", f"holders' load > {cfg.replicate_load_ratio} x mean {mean:.3f}s"
-        if all(ttft_growth(h) >= cfg.replicate_ttft_growth for h in holders):
-            return "ttft", f"holders' TTFT grew >= {cfg.replicate_ttft_growth}x over the window"
-        return None
+        growth = cfg.replicate_ttft_growth
+        for h in holders:
+            if ttft_growth(h) < growth:
+                return None
+        return "ttft", f"holders' TTFT grew >= {growth}x over the window"
 
     def adjust(
         self,

@@ -68,3 +68,22 @@ def test_ttft_growth_follows_new_samples_and_the_moving_halves(clock):
     assert loads.ttft_growth(1, 1, now=11.0) == pytest.approx(4.0)  # old {0.2} new {0.8}
     assert loads.ttft_growth(1, 1, now=16.0) == 1.0  # 0.8 moved to the older half: new empty
     assert loads.ttft_growth(1, 1, now=16.5) == 1.0  # and now out of the window
+
+
+def test_ttft_halves_move_by_buckets_of_a_32nd_of_the_window(clock):
+    loads = LoadTracker(window_s=32.0, clock=clock)  # buckets of 1 s
+    loads.add_rank(1)
+    clock.t = 0.5
+    loads.record_ttft(1, 0.1)  # bucket 0
+    clock.t = 15.0
+    loads.record_ttft(1, 0.4)  # bucket 15
+    # The halves split between buckets: at now in bucket 15 both samples are newer.
+    assert loads.ttft_growth(1, 1, now=15.9) == 1.0  # older half empty
+    # Once now enters bucket 16, bucket 0 is half a window old (the sample itself, 15.5 s).
+    assert loads.ttft_growth(1, 1, now=16.0) == pytest.approx(4.0)
+    assert loads.ttft_growth(1, 1, now=30.9) == pytest.approx(4.0)
+    assert loads.ttft_growth(1, 1, now=31.0) == 1.0  # bucket 15 is older now: newer half empty
+    clock.t = 31.5
+    loads.record_ttft(1, 0.5)
+    assert loads.ttft_growth(1, 1) == pytest.approx(0.5 / 0.25)  # old {0.1, 0.4} new {0.5}
+    assert loads.ttft_growth(1, 1, now=32.0) == pytest.approx(0.5 / 0.4)  # bucket 0 left

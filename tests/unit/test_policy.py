@@ -69,6 +69,17 @@ def test_e2_exploits_the_cheapest_holder_when_cached_exceeds_missing():
     assert "cached 600 > missing 400" in d.reason
 
 
+def test_e2_exploits_a_lone_holder_without_pricing_any_rank():
+    def unpriced(*_args):
+        raise AssertionError("a lone holder needs no cost")
+
+    inp = make_input(cached={3: 700, 1: 200}, load={1: 0.0, 2: 0.0, 3: 9.0})
+    inp.prefill_cost = inp.eviction_cost = inp.eviction_cost_above = unpriced
+    d = e2(inp, CFG)
+    assert (d.rank, d.kind, d.cached_tokens) == (3, DecisionKind.EXPLOIT, 700)
+    assert d.reason == "cached 700 > missing 300"
+
+
 def test_e2_exploit_counts_eviction_cost_among_holders():
     inp = make_input(cached={1: 900, 2: 900}, load={1: 1.0, 2: 0.5}, evict={2: 1.0})
     assert e2(inp, CFG).rank == 1  # 1.0 + 0 + 0.1 < 0.5 + 1.0 + 0.1
