@@ -10,8 +10,8 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -52,10 +52,15 @@ STARTUP_TIMEOUT_S = 600
 DECISIONS = {"exploit", "explore", "replicate", "rebalance", "baseline"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _metrics_port(log_path: Path) -> int:
+    """The port serve logged for its metrics server (``--metrics-port 0`` lets it pick one: a
+    port picked by the test and bound later was once taken in between by an engine's socket)."""
+    pattern = re.compile(r"Prometheus metrics on http://[^/]*:(\d+)/metrics")
+    deadline = time.monotonic() + 60  # mpiexec forwards rank 0's output a little later
+    while not (found := pattern.search(log_path.read_text(errors="replace"))):
+        assert time.monotonic() < deadline, f"serve logged no metrics address:\n{_tail(log_path)}"
+        time.sleep(0.2)
+    return int(found.group(1))
 
 
 def _tail(path: Path, n: int = 60) -> str:
@@ -68,7 +73,6 @@ def server(tiny_model, tmp_path_factory):
         pytest.skip(f"{MPIEXEC} not found: `make install` installs the mpich wheel")
     d = tmp_path_factory.mktemp("serve")
     addr_file, log_path = d / "server.addr", d / "serve.log"
-    metrics_port = _free_port()
     cmd = [
         str(MPIEXEC),
         "-n",
@@ -84,7 +88,7 @@ def server(tiny_model, tmp_path_factory):
         "--addr-file",
         str(addr_file),
         "--metrics-port",
-        str(metrics_port),
+        "0",
         "--max-inflight",
         str(MAX_INFLIGHT),
         "--drain-timeout-s",
@@ -111,7 +115,7 @@ def server(tiny_model, tmp_path_factory):
         log=log_path,
         channel=channel,
         stub=pb_grpc.PrebleStub(channel),
-        metrics_port=metrics_port,
+        metrics_port=_metrics_port(log_path),
     )
     yield s
     channel.close()
