@@ -168,8 +168,7 @@ class LoadTracker:
     ) -> None:
         """A request was placed on ``rank`` at ``now`` (default: the clock) with estimated GPU
         time ``cost_s``."""
-        if rank not in self.cost:
-            self.add_rank(rank)
+        self.add_rank(rank)
         e = _Entry(self.clock() if now is None else now, rank, cost_s, prompt_tokens, cached_tokens)
         self._entries.append(e)
         self.cost[rank] += cost_s
