@@ -14,6 +14,7 @@ import concurrent.futures
 import json
 import sys
 import threading
+import time
 
 import grpc
 
@@ -24,8 +25,9 @@ _print_lock = threading.Lock()
 
 
 def emit(record: dict) -> None:
+    """Print one JSON line, stamped with the wall time (``t``) to line it up with the job's logs."""
     with _print_lock:
-        print(json.dumps(record), flush=True)
+        print(json.dumps({**record, "t": round(time.time(), 3)}), flush=True)
 
 
 def read(stub: pb_grpc.PrebleStub, i: int, max_tokens: int) -> dict:
