@@ -1,10 +1,13 @@
-"""Open N streaming Generate calls at once and read them all to the end, printing JSON lines:
+"""Connect, print ``{"event": "ready"}``, wait for a line on stdin, then open N streaming
+Generate calls at once and read them all to the end, printing JSON lines:
 ``{"event": "first_token", "request": i}`` as soon as request i streams its first token, then one
 ``{"event": "done", ...}`` per request (tokens received, finish reason, or the gRPC status code
-that ended it).
+that ended it). Every line carries the wall time ``t``, to line it up with the job's logs.
 
 Run as a separate process by the Slurm drain test, so that all the drain requests reach rank 0
-at the same moment and nothing in the test process streams while the job is signalled.
+at the same moment and nothing in the test process streams while the job is signalled. It starts
+(imports, connects) before the engines get busy: on a 2-core machine with an engine decoding,
+starting a Python process can take a minute.
 Usage: python drain_client.py ADDR N MAX_TOKENS
 """
 
@@ -25,7 +28,6 @@ _print_lock = threading.Lock()
 
 
 def emit(record: dict) -> None:
-    """Print one JSON line, stamped with the wall time (``t``) to line it up with the job's logs."""
     with _print_lock:
         print(json.dumps({**record, "t": round(time.time(), 3)}), flush=True)
 
@@ -51,7 +53,11 @@ def read(stub: pb_grpc.PrebleStub, i: int, max_tokens: int) -> dict:
 
 def main(addr: str, n: int, max_tokens: int) -> int:
     with grpc.insecure_channel(addr) as channel:
+        grpc.channel_ready_future(channel).result(timeout=120)
         stub = pb_grpc.PrebleStub(channel)
+        emit({"event": "ready"})
+        if not sys.stdin.readline():
+            return 1  # the test ended without asking for the requests
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
             for result in pool.map(lambda i: read(stub, i, max_tokens), range(n)):
                 emit({"event": "done", **result})

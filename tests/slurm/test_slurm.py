@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
-import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,17 +32,19 @@ DRAIN_CLIENT = Path(__file__).resolve().parent / "drain_client.py"
 BATCH_SBATCH = ROOT / "slurm" / "preble-batch.sbatch"
 BIN = Path(sys.executable).parent
 ENGINE_FLAGS = "--enforce-eager --dtype float32 --kv-cache-gib 1 --seed 0 --max-model-len 4096"
-# The drain check must still have requests open when SIGTERM reaches rank 0 (scancel ->
-# slurmctld -> batch shell -> rank 0, well under a second on an idle machine). While two vLLM
-# engines decode on this 2-core machine, ~30 threads are runnable and every other Python process
-# crawls (GIL hand-offs each wait a scheduling round): a GetStats took 10-20 s, scancel once over
-# 30 s, and in one CI run the signal reached rank 0 ~59 s after the first token (one of two
-# 12000-token requests had finished by then). So the drain requests are long (DRAIN_TOKENS past the
-# tiny model's 4096 positions, which vLLM allows on request: its weights are random anyway), about
-# two minutes of decoding, and the signal goes out as soon as one of them streams its first token.
+# The drain check must still have a request open when SIGTERM reaches rank 0 (scancel ->
+# slurmctld -> batch shell -> rank 0, well under a second on an idle machine). While vLLM engines
+# decode on this 2-core machine, every other process crawls (each engine keeps 2+ cores busy and
+# GIL hand-offs wait a scheduling round). With two engines decoding, a GetStats took 10-20 s,
+# starting the drain client took 80 s, and the scancel chain 64 s; in CI the signal once came
+# after both drain requests had streamed for a minute. So: one drain request (one engine busy,
+# a core left for rank 0, the client and Slurm), a client started and connected before it is
+# sent, a scancel forked ahead, and a long request (DRAIN_TOKENS past the tiny model's 4096
+# positions, which vLLM allows on request: its weights are random anyway), about two minutes
+# of decoding; the signal goes out as soon as it streams its first token.
 DRAIN_MAX_MODEL_LEN = 20480
 DRAIN_TOKENS = 20000
-DRAIN_REQUESTS = 2
+DRAIN_REQUESTS = 1
 SCANCEL_TIMEOUT_S = 180
 #: CPU settings: one allocated task slot, three tasks overcommitted on it (2 cores here).
 SBATCH_ARGS = [
@@ -102,19 +105,61 @@ def _job_env(tiny_model: Path, submit_dir: Path) -> dict[str, str]:
     }
 
 
-def _wait_for_first_token(drain: subprocess.Popen, timeout_s: float) -> None:
-    """Block until drain_client.py reports a first token (some drain request is mid-stream)."""
-    assert drain.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([drain.stdout], [], [], 1.0)
-        if ready:
-            line = drain.stdout.readline()
-            if not line:
-                raise RuntimeError(f"drain client exited early: {drain.stderr.read()[-3000:]}")
-            if json.loads(line)["event"] == "first_token":
+class _DrainClient:
+    """drain_client.py in its own process; its JSON lines are read on a thread, so waiting for
+    one never depends on pipe buffering."""
+
+    def __init__(self, addr: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(DRAIN_CLIENT), addr, str(DRAIN_REQUESTS), str(DRAIN_TOKENS)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._events: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            self._events.put(json.loads(line))
+        self._events.put(None)
+
+    def wait_for(self, event: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                record = self._events.get(timeout=left)
+            except queue.Empty:
+                break
+            if record is None:
+                err = self.proc.stderr.read()[-3000:]  # type: ignore[union-attr]
+                raise RuntimeError(f"drain client exited before {event!r}: {err}")
+            if record["event"] == event:
                 return
-    raise TimeoutError(f"no drain request streamed a token in {timeout_s} s")
+        raise TimeoutError(f"drain client: no {event!r} in {timeout_s} s")
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def finish(self, timeout_s: float) -> list[dict]:
+        """Wait for the client to exit 0; its ``done`` records."""
+        self.proc.wait(timeout=timeout_s)
+        self._reader.join(timeout=30)
+        err = self.proc.stderr.read()  # type: ignore[union-attr]
+        assert self.proc.returncode == 0, err[-3000:]
+        return [r for r in map(json.loads, self.lines) if r["event"] == "done"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
 
 
 def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_path):
@@ -141,7 +186,8 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
         return "\n".join(parts) + f"\n{slurm.job_info(job)}\n{slurm.daemon_logs()}"
 
     signaller = None
-    drain: subprocess.Popen | None = None
+    drain: _DrainClient | None = None
+    timeline = ""
     try:
         try:
             slurm.wait_for(
@@ -155,6 +201,11 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
         assert addr_file.exists(), f"the job ended before serving\n{report()}"
         addr = addr_file.read_text().strip()
         assert addr.startswith("127.0.0.1:"), addr
+        # Requests open when the stop signal comes must still finish in full. The drain request
+        # comes from a separate process (drain_client.py), started now while the engines idle;
+        # scancel is forked ahead and released through its stdin once the request streams.
+        drain = _DrainClient(addr)
+        signaller = slurm.prepare_scancel("--batch", "--signal=TERM", job)
 
         with grpc.insecure_channel(addr) as channel:
             stub = pb_grpc.PrebleStub(channel)
@@ -171,29 +222,19 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
             stats = stub.GetStats(pb.GetStatsRequest(), timeout=30)
             assert [r.rank for r in stats.ranks] == [1, 2] and stats.policy == "e2"
 
-        # Requests open when the stop signal comes must still finish in full. The drain requests
-        # come from one separate process (drain_client.py) that opens them all at once; scancel
-        # is forked ahead and released through its stdin once one of them streams.
-        signaller = slurm.prepare_scancel("--batch", "--signal=TERM", job)
-        drain = subprocess.Popen(
-            [sys.executable, str(DRAIN_CLIENT), addr, str(DRAIN_REQUESTS), str(DRAIN_TOKENS)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        _wait_for_first_token(drain, 180)
+        drain.wait_for("ready", 120)
+        drain.go()
+        drain.wait_for("first_token", 180)
         signalled_at = time.time()
         signaller.release(timeout_s=SCANCEL_TIMEOUT_S)
-        drain.wait(timeout=600)
-        drain_out, drain_err = drain.stdout.read(), drain.stderr.read()  # type: ignore[union-attr]
-        assert drain.returncode == 0, drain_err[-3000:]
-        timeline = f"--- drain client (scancel released at {signalled_at:.3f}) ---\n{drain_out}"
-        done = [json.loads(line) for line in drain_out.splitlines()]
-        done = [(r["code"], r["finish_reason"], r["tokens"]) for r in done if r["event"] == "done"]
-        # Open at the signal: finished in full. Not yet admitted (the client's second stream may
-        # reach rank 0 after the signal): refused whole, UNAVAILABLE before any token.
-        finished = done.count(("OK", "length", DRAIN_TOKENS))
-        refused = done.count(("UNAVAILABLE", None, 0))
+        done = drain.finish(timeout_s=600)
+        timeline = f"--- drain client (scancel released at {signalled_at:.3f}) ---\n"
+        timeline += "".join(drain.lines)
+        outcomes = [(r["code"], r["finish_reason"], r["tokens"]) for r in done]
+        # Open at the signal: finished in full. Not yet admitted when rank 0 began to drain:
+        # refused whole, UNAVAILABLE before any token.
+        finished = outcomes.count(("OK", "length", DRAIN_TOKENS))
+        refused = outcomes.count(("UNAVAILABLE", None, 0))
         assert finished >= 1 and finished + refused == len(done) == DRAIN_REQUESTS, timeline
 
         slurm.wait_for(lambda: slurm.job_done(job), 300, "the job to end", interval_s=0.5)
@@ -201,8 +242,7 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
         assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", report()
         rank0 = (logs / "rank-0.log").read_text(errors="replace")
         # Rank 0's own count of the streams open at the signal: at least one (the signal went out
-        # mid-stream), each finished in full. Under full load on 2 cores the signal can reach
-        # rank 0 late enough that a drain request finished before it; it counts as served too.
+        # mid-stream), each finished in full; every request the client finished was served.
         drained = re.search(
             r"draining: health NOT_SERVING, (\d+) request\(s\) open[\s\S]*?"
             r"drained: all \1 open request\(s\) finished \((\d+) served in total\)",
@@ -218,13 +258,12 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
             "rank-2.log",
         }
     except (TimeoutError, RuntimeError, grpc.RpcError, subprocess.TimeoutExpired) as exc:
-        pytest.fail(f"{type(exc).__name__}: {exc}\n{report()}")
+        pytest.fail(f"{type(exc).__name__}: {exc}\n{report()}\n{timeline}")
     finally:
         if signaller is not None:
             signaller.discard()
-        if drain is not None and drain.poll() is None:
-            drain.kill()
-            drain.wait(timeout=30)
+        if drain is not None:
+            drain.stop()
         if not slurm.job_done(job):
             subprocess.run(["scancel", job], env=slurm.env, timeout=30, check=False)
             try:
