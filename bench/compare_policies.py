@@ -32,6 +32,7 @@ from preble_hpc.sim.workloads import (  # noqa: E402
     ideal_hit_rate,
     load_trace,
     make_workload,
+    pooled_lru_hit_rate,
 )
 
 WORKLOADS = "toolbench,alfworld,apps,videoqa,loogle,mix,toolbench_zipf,videoqa_zipf"
@@ -83,12 +84,14 @@ def compare_one(name: str, gpus: int, duration: float, drain_frac: float, seed: 
         best = (rate, *setup(rate))
     rate, reqs, sim = best
     ideal = ideal_hit_rate(reqs)
+    pooled = round(pooled_lru_hit_rate(reqs, gpus * sim.kv_capacity_tokens), 6)
     lines += [f"\n== {name}  rate {rate:g}/s  {len(reqs)} requests  {gpus} GPUs", HEADER]
     rows = []
     for pol in POLICY_NAMES:
         res = simulate(reqs, pol, replace(sim), SchedulerConfig(), ideal=ideal)
         row = res.row(name, rate)
         row["decisions"] = res.decisions
+        row["pooled_lru_hit_rate"] = pooled
         rows.append(row)
         lines.append(f"{format_row(row)}  ({res.wall_s:.1f}s)")
     return {"name": name, "rate": rate, "rows": rows, "sweep": sweep, "lines": lines}
@@ -198,6 +201,7 @@ def summarize(rows: list[dict]) -> dict:
             "e2_p99_s": e2_p99,
             "best_over_e2_p99": best_p99 and _ratio(best_p99["p99_latency_s"], e2_p99),
             "hit_over_ideal": _ratio(e2["hit_rate"], e2["ideal_hit_rate"]),
+            "hit_over_pooled_lru": _ratio(e2["hit_rate"], e2.get("pooled_lru_hit_rate")),
             "e2_finished_all": e2["finished"] == e2["requests"],
         }
         s = out[wl]
@@ -218,7 +222,7 @@ def print_summary(summary: dict) -> None:
     print(
         f"\n{'workload':<16} {'RR/E2 mean':>10} {'RR/E2 p99':>10} {'best (mean)':>19} "
         f"{'s':>6} {'E2 s':>6} {'best/E2':>7} {'best (p99)':>19} {'s':>6} {'E2 s':>6} "
-        f"{'best/E2':>7} {'hit/ideal':>9}"
+        f"{'best/E2':>7} {'hit/ideal':>9} {'hit/LRU':>7}"
     )
     for wl, s in summary.items():
         star = "" if s["rr_finished_all"] else "*"
@@ -229,7 +233,7 @@ def print_summary(summary: dict) -> None:
             f" {_fmt(s['e2_mean_s']):>6} {_fmt(s['best_over_e2_mean']):>7}"
             f" {s['best_baseline_p99'] or 'none':>19} {_fmt(s['best_p99_s'], 1):>6}"
             f" {_fmt(s['e2_p99_s'], 1):>6} {_fmt(s['best_over_e2_p99']):>7}"
-            f" {_fmt(s['hit_over_ideal'], 3):>9}"
+            f" {_fmt(s['hit_over_ideal'], 3):>9} {_fmt(s.get('hit_over_pooled_lru'), 3):>7}"
         )
 
 

@@ -26,6 +26,7 @@ import json
 import math
 import random
 from array import array
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "poisson_arrivals",
     "gamma_arrivals",
     "ideal_hit_rate",
+    "pooled_lru_hit_rate",
     "default_rate",
     "default_requests",
     "prompt_stats",
@@ -531,6 +533,40 @@ def ideal_hit_rate(requests: Iterable[SimRequest]) -> float:
             key = hash(node)
         if r.output_piece is not None:
             seen.add((key, r.output_piece.pid))
+    return reused / total if total else 0.0
+
+
+def pooled_lru_hit_rate(requests: Iterable[SimRequest], capacity_tokens: int) -> float:
+    """What ``ideal_hit_rate`` becomes when memory is finite: the share of prompt tokens reused by
+    one LRU prefix cache of ``capacity_tokens`` (a cluster's KV capacity, pooled as if one GPU
+    held it all and nothing were running), in arrival order, at piece granularity.
+
+    A reference for what a placement policy can reach on this memory, not a strict bound (an
+    oracle eviction could keep more; per-GPU caches, running requests and block rounding keep
+    less). On a trace whose reuse distances exceed the cluster's memory (Mooncake at 8 GPUs) it
+    is far below the ideal. Prompt and cached-output pieces both take room; a request's own
+    path is touched deepest-first, so the LRU end holds leaves before their ancestors."""
+    cache: OrderedDict[tuple[int, int], int] = OrderedDict()
+    used = total = reused = 0
+    for r in sorted(requests, key=lambda r: r.arrival):
+        key, hit, path = 0, True, []
+        pieces = (*r.pieces, r.output_piece) if r.output_piece is not None else r.pieces
+        for i, p in enumerate(pieces):
+            node = (key, p.pid)
+            path.append(node)
+            if i < len(r.pieces):
+                total += p.n
+                hit = hit and node in cache
+                if hit:
+                    reused += p.n
+            if node not in cache:
+                cache[node] = p.n
+                used += p.n
+            key = hash(node)
+        for node in reversed(path):  # the root-most node ends up most recent
+            cache.move_to_end(node)
+        while used > capacity_tokens and cache:
+            used -= cache.popitem(last=False)[1]
     return reused / total if total else 0.0
 
 

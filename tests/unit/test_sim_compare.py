@@ -20,6 +20,7 @@ def _row(policy: str, mean: float, p99: float, finished: int = 100) -> dict:
         "p99_latency_s": p99,
         "hit_rate": 0.45,
         "ideal_hit_rate": 0.5,
+        "pooled_lru_hit_rate": 0.48,
     }
 
 
@@ -38,6 +39,7 @@ def test_a_baseline_that_drops_requests_is_not_the_best():
     assert s["target_no_worse_mean"] and not s["target_no_worse_p99"]
     assert (s["rr_over_e2_mean"], s["rr_over_e2_p99"], s["rr_finished_all"]) == (4.0, 4.0, False)
     assert s["target_hit_within_10pct"]
+    assert (s["hit_over_ideal"], s["hit_over_pooled_lru"]) == (0.9, 0.938)
 
 
 def test_no_baseline_finishing_leaves_the_best_empty():

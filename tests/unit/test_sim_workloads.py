@@ -19,6 +19,7 @@ from preble_hpc.sim.workloads import (
     make_workload,
     piece_tokens,
     poisson_arrivals,
+    pooled_lru_hit_rate,
     prompt_stats,
     spread_ticks,
     workload_names,
@@ -140,3 +141,31 @@ def test_spread_ticks_keeps_distinct_timestamps():
     assert spread_ticks([0.0, 1.0, 2.0], random.Random(0)) == [0.0, 1.0, 2.0]
     s = spread_ticks([0.0, 0.0, 2.0, 2.0], random.Random(0))
     assert 0 <= s[0] <= s[1] < 2.0 <= s[2] <= s[3] < 4.0
+
+
+def test_pooled_lru_hit_rate_reuses_only_what_still_fits():
+    p, q = Piece(1, 100), Piece(2, 50)
+    reqs = [
+        SimRequest("a", 0.0, (p, Piece(3, 10)), 1, 1),
+        SimRequest("b", 1.0, (p, q), 1, 1),
+        SimRequest("c", 2.0, (p, q, Piece(4, 40)), 1, 1),
+    ]
+    total = 110 + 150 + 190
+    # Room for everything: the ideal.
+    assert pooled_lru_hit_rate(reqs, 10_000) == pytest.approx(ideal_hit_rate(reqs))
+    # 160 tokens: a and b fit (110 + 50), so c reuses p and q.
+    assert pooled_lru_hit_rate(reqs, 160) == pytest.approx((100 + 150) / total)
+    # 120 tokens: after b the cache drops a's piece 3, then b's own deepest piece q (the LRU
+    # end holds a path's leaves before its root), so c reuses p only.
+    assert pooled_lru_hit_rate(reqs, 120) == pytest.approx((100 + 100) / total)
+    # Less than one prefix: nothing survives to the next request.
+    assert pooled_lru_hit_rate(reqs, 90) == 0.0
+
+
+def test_pooled_lru_hit_rate_counts_cached_outputs_of_earlier_turns():
+    p, out = Piece(1, 100), Piece(9, 20)
+    turn1 = SimRequest("t1", 0.0, (p,), 20, 20, output_piece=out)
+    turn2 = SimRequest("t2", 1.0, (p, out, Piece(5, 30)), 1, 1)
+    assert pooled_lru_hit_rate([turn1, turn2], 1000) == pytest.approx(120 / 250)
+    # Room for the prompt but not its output: the second turn reuses the prompt only.
+    assert pooled_lru_hit_rate([turn1, turn2], 110) == pytest.approx(100 / 250)
