@@ -135,9 +135,16 @@ class SchedulerConfig:
     discounts older ones by this factor; 1.0 never forgets."""
     cost_fit_noise: float = 0.2
     """Relative noise assumed on worker timings (0.2: +-20%); larger trusts the profile longer."""
+    arrival_window: int = 256
+    """E2's queue term measures each rank's arrival rate over this many latest placements
+    (cluster-wide): enough for a rate, recent enough to follow a burst."""
 
     def __post_init__(self) -> None:
         _positive(self, "window_s", "tree_capacity_tokens", "ttft_min_samples", "cost_fit_noise")
+        _require(
+            self.arrival_window >= 2,
+            f"SchedulerConfig.arrival_window must be >= 2 placements, got {self.arrival_window}",
+        )
         _require(
             self.replicate_ttft_growth > 1,
             f"SchedulerConfig.replicate_ttft_growth must be > 1, got {self.replicate_ttft_growth}",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -130,6 +131,10 @@ class GlobalScheduler:
         # cluster total, for the decode term.
         self._context: dict[int, int] = {}
         self._context_total = 0
+        # The latest placements (time, rank), cluster-wide, and how many each rank got: its
+        # arrival rate, for E2's queue term (see ``policy.e2``).
+        self._placements: deque[tuple[float, int]] = deque()
+        self._placed: dict[int, int] = {}
         self._has_stats: set[int] = set()
         # Mean completion / max_tokens of finished requests (output length estimate), smoothed with
         # the cost fit's forgetting factor.
@@ -141,6 +146,8 @@ class GlobalScheduler:
         for r in ranks:
             self._add_rank(r)
         self._hit_view = _PerRank(self.loads.hit_ratio_now, self._live)
+        self._behind_view = _PerRank(self._behind, self._live)
+        self._per_placement_s = 0.0  # 1 / the span of the latest placements, set per decision
 
     # ------------------------------------------------------------------ ranks
 
@@ -241,6 +248,7 @@ class GlobalScheduler:
             return out_tokens * (step_base + per_token * (context[rank] + n + n * in_flight[rank]))
 
         return PolicyInput(
+            queued_behind=self._queued_behind(now),
             ranks=self._live,
             prompt_tokens=n,
             max_tokens=max_tokens,
@@ -264,6 +272,32 @@ class GlobalScheduler:
             prefill_overhead=self.cost.prefill_base_s,
             deepest_holders=m.holders,
         )
+
+    def _placement_span(self, now: float) -> float:
+        """Seconds since the oldest of the latest placements (0.0: none yet)."""
+        placements = self._placements
+        return now - placements[0][0] if placements else 0.0
+
+    def _queued_behind(self, now: float) -> Mapping[int, float] | None:
+        """Per rank, the requests expected to arrive while its prefill backlog drains (one view,
+        kept: ``_behind``), or None before any time has passed between placements."""
+        span = self._placement_span(now)
+        if span <= 0.0:
+            return None
+        self._per_placement_s = 1.0 / span
+        return self._behind_view
+
+    def _behind(self, rank: int) -> float:
+        """The rank's arrival rate (its share of the latest placements per second of their
+        span) times its prefill backlog."""
+        return self._placed.get(rank, 0) * self._per_placement_s * self._backlog[rank]
+
+    def _record_placement(self, rank: int, now: float) -> None:
+        placements, placed = self._placements, self._placed
+        placements.append((now, rank))
+        placed[rank] = placed.get(rank, 0) + 1
+        if len(placements) > self.config.arrival_window:
+            placed[placements.popleft()[1]] -= 1
 
     def schedule(self, request_id: str, token_ids: Sequence[int], max_tokens: int) -> Decision:
         """Place one request; records it in flight on the chosen rank and marks that rank as
@@ -303,6 +337,7 @@ class GlobalScheduler:
         self._prefilling[rank] += 1
         self._active_prefill[rank] += new_tokens
         self._active_blocks[rank] += blocks
+        self._record_placement(rank, now)
         self.decisions[d.kind.value] += 1
         return d
 
@@ -414,12 +449,14 @@ class GlobalScheduler:
     def stats(self) -> dict:
         """JSON-able snapshot: per-rank load/in-flight/hit rate, decisions by kind, tree size."""
         now = self.clock()
+        span = self._placement_span(now)
         ranks = {}
         for r in self._live:
             ranks[str(r)] = {
                 "load_s": round(self.loads.load(r, now), 6),
                 "in_flight": self._in_flight[r],
                 "prefill_backlog_s": round(self._backlog[r], 6),
+                "arrival_rate_per_s": round(self._placed.get(r, 0) / span, 6) if span > 0 else 0.0,
                 "decoding": self._decoding[r],
                 "hit_ratio": round(self.loads.hit_ratio(r, now), 6),
                 "miss_rate": round(self.loads.miss_rate(r, now), 6),

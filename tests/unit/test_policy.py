@@ -14,8 +14,10 @@ from preble_hpc.rank0_scheduler.policy import (
     DynamoKv,
     LlmdScorer,
     SglangCacheAware,
+    cheapest,
     check_policy_name,
     e2,
+    explore_cost,
     make_policy,
 )
 
@@ -101,8 +103,9 @@ def test_e2_explore_minimises_load_plus_eviction_plus_prefill():
 
 
 def test_cheapest_bounds_the_eviction_walk_by_the_best_cost_so_far():
-    # L+P: rank1 = 0.5 + 0.7 = 1.2 (no eviction); ranks 2 and 3 = 0 + 1.0, so each may spend at
-    # most ~0.2 s on M before it loses: rank 2's 0.5 loses, rank 3's 0.05 wins.
+    # L+P: rank1 = 0.5 + 0.7 = 1.2 (no eviction); ranks 2 and 3 = 0 + 1.0. Rank 2 (least L+P,
+    # lowest rank) is walked first, unbounded: 1.5. Then rank 1 may spend 0.3 s on M (it needs
+    # none: 1.2), and rank 3 at most 0.2 s: its 0.05 wins.
     calls = []
     evict = {2: 0.5, 3: 0.05}
 
@@ -115,8 +118,21 @@ def test_cheapest_bounds_the_eviction_walk_by_the_best_cost_so_far():
     )
     d = e2(inp, CFG)
     assert (d.rank, d.kind) == (3, DecisionKind.EXPLORE)
-    assert [r for r, _ in calls] == [1, 2, 3] and calls[0][1] == float("inf")
-    assert calls[1][1] == pytest.approx(0.2) and calls[2][1] == pytest.approx(0.2)
+    assert [r for r, _ in calls] == [2, 1, 3] and calls[0][1] == float("inf")
+    assert calls[1][1] == pytest.approx(0.3) and calls[2][1] == pytest.approx(0.2)
+
+
+def test_cheapest_walks_no_rank_whose_rest_already_loses():
+    # Rank 2's L+P (0.1 s) and its M (0.0) settle it; ranks 1 and 3 cost more before any M.
+    calls = []
+
+    def above(rank, bound):
+        calls.append(rank)
+        return 0.0
+
+    inp = make_input(load={1: 0.5, 2: 0.0, 3: 0.3}, cached={2: 900}, eviction_cost_above=above)
+    assert cheapest(inp, [1, 2, 3]) == (2, pytest.approx(0.1))
+    assert calls == [2]
 
 
 def test_e2_explore_new_request_term_prefers_the_rank_missing_fewer_tokens():
@@ -168,6 +184,18 @@ def test_e2_stall_counts_the_prefill_without_its_fixed_overhead():
     )
     assert e2(make_input(prefill_overhead=0.05, **over), CFG).rank == 2
     assert e2(make_input(**over), CFG).rank == 1
+
+
+def test_e2_prefill_delays_the_requests_expected_to_queue_behind_it():
+    # P = 1.0 s everywhere, overhead 0.1 s. Rank 1 has the shortest backlog, but 3 requests are
+    # expected to arrive there while it drains, each delayed by P - overhead: 0.2 + 1.0 + 3 x 0.9
+    # = 3.9 s. Rank 2: 0.5 + 1.0 + 0.5 x 0.9 = 1.95 s. Rank 3: 0.4 + 1.0 + (1 + 1) x 0.9 = 3.2 s
+    # (one decoding sequence and one request behind).
+    over = dict(backlog={1: 0.2, 2: 0.5, 3: 0.4}, decoding={1: 0, 2: 0, 3: 1}, prefill_overhead=0.1)
+    inp = make_input(queued_behind={1: 3.0, 2: 0.5, 3: 1.0}, **over)
+    assert [explore_cost(inp, r) for r in (1, 2, 3)] == pytest.approx([3.9, 1.95, 3.2])
+    assert e2(inp, CFG).rank == 2
+    assert e2(make_input(**over), CFG).rank == 1  # without the term: 1.2, 1.5, 2.3 s
 
 
 def test_e2_counts_the_decode_cost_of_the_rank():

@@ -286,3 +286,21 @@ def test_decode_cost_weighs_the_context_a_rank_decodes():
     s.on_first_token("short")
     d = s.schedule("new", list(range(200_000, 201_000)), 64)
     assert (d.rank, d.kind) == (2, DecisionKind.EXPLORE)
+
+
+def test_arrival_rate_counts_each_ranks_share_of_the_latest_placements():
+    s, clock = make(ranks=(1, 2), policy="round_robin", arrival_window=3)
+    assert s.stats()["ranks"]["1"]["arrival_rate_per_s"] == 0.0  # nothing placed yet
+    for i in range(4):  # ranks 1, 2, 1, 2 at t = 0, 1, 2, 3; the window keeps the last three
+        clock.t = float(i)
+        s.schedule(f"r{i}", prompt(i), 16)
+    clock.t = 4.0
+    ranks = s.stats()["ranks"]
+    # Placements at t = 1 (rank 2), 2 (rank 1), 3 (rank 2): span 4 - 1 = 3 s.
+    assert ranks["1"]["arrival_rate_per_s"] == pytest.approx(1 / 3, abs=1e-6)
+    assert ranks["2"]["arrival_rate_per_s"] == pytest.approx(2 / 3, abs=1e-6)
+
+
+def test_arrival_window_must_hold_two_placements():
+    with pytest.raises(ConfigError, match="arrival_window must be >= 2"):
+        SchedulerConfig(arrival_window=1)
