@@ -181,9 +181,14 @@ class ServeRun:
             Path(args.addr_file).unlink(missing_ok=True)
         server.begin_drain()
         open_streams = server.active
+        # Both counts: the streams the ingress holds open and the requests the runtime still
+        # owes a result (they should agree; if they ever do not, this line says which side lost
+        # track of a request).
         log.warning(
-            "draining: health NOT_SERVING, %d request(s) open, waiting up to %.0f s",
+            "draining: health NOT_SERVING, %d request(s) open (%d in flight to the workers), "
+            "waiting up to %.0f s",
             open_streams,
+            runtime.inflight,
             args.drain_timeout_s,
         )
         deadline = time.monotonic() + args.drain_timeout_s
