@@ -100,13 +100,18 @@ def test_poisson_and_gamma_arrivals_have_the_requested_rate_and_burstiness():
     assert statistics.pstdev(gg) / statistics.mean(gg) == pytest.approx(3.0, rel=0.15)
 
 
-def test_ideal_hit_rate_counts_every_repeated_token():
+def _three_prompts() -> list[SimRequest]:
+    """a = p + 10 new; b = p + q (50); c = p + q + 40 new; p is 100 tokens: 110 + 150 + 190."""
     p, q = Piece(1, 100), Piece(2, 50)
-    reqs = [
+    return [
         SimRequest("a", 0.0, (p, Piece(3, 10)), 1, 1),
         SimRequest("b", 1.0, (p, q), 1, 1),
         SimRequest("c", 2.0, (p, q, Piece(4, 40)), 1, 1),
     ]
+
+
+def test_ideal_hit_rate_counts_every_repeated_token():
+    reqs = _three_prompts()
     assert ideal_hit_rate(reqs) == pytest.approx((100 + 150) / (110 + 150 + 190))
 
 
@@ -144,12 +149,7 @@ def test_spread_ticks_keeps_distinct_timestamps():
 
 
 def test_pooled_lru_hit_rate_reuses_only_what_still_fits():
-    p, q = Piece(1, 100), Piece(2, 50)
-    reqs = [
-        SimRequest("a", 0.0, (p, Piece(3, 10)), 1, 1),
-        SimRequest("b", 1.0, (p, q), 1, 1),
-        SimRequest("c", 2.0, (p, q, Piece(4, 40)), 1, 1),
-    ]
+    reqs = _three_prompts()
     total = 110 + 150 + 190
     # Room for everything: the ideal.
     assert pooled_lru_hit_rate(reqs, 10_000) == pytest.approx(ideal_hit_rate(reqs))
