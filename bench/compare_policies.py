@@ -76,6 +76,8 @@ def compare_one(
         all_finished = True
         for s in range(seed, seed + sweep_seeds):
             reqs, sim = setup(rate, s)
+            if s == seed:
+                at_rate = (rate, reqs, sim)  # what every policy runs on, if the rate holds
             res = simulate(reqs, "e2", sim, SchedulerConfig())
             sweep.append({**res.row(name, rate), "seed": s})
             lines.append(
@@ -87,7 +89,7 @@ def compare_one(
                 break
         if not all_finished:
             break
-        best = (rate, *setup(rate))
+        best = at_rate
     if best is None:
         lines.append(f"  {name}: E2 does not finish every request even at Preble's rate")
         rate = round(base, 3)

@@ -518,25 +518,12 @@ def ideal_hit_rate(requests: Iterable[SimRequest]) -> float:
     """Share of prompt tokens a prefix cache could reuse if nothing were ever evicted: tokens of
     pieces whose whole prefix (every piece up to and including them) appeared before, in an
     earlier prompt or a cached output, in arrival order. A block repeated after a different
-    prefix (possible in traces) is not reusable by prefix caching and does not count."""
-    seen: set[tuple[int, int]] = set()
-    total = reused = 0
-    for r in sorted(requests, key=lambda r: r.arrival):
-        key = 0
-        for p in r.pieces:
-            total += p.n
-            node = (key, p.pid)
-            if node in seen:
-                reused += p.n
-            else:
-                seen.add(node)
-            key = hash(node)
-        if r.output_piece is not None:
-            seen.add((key, r.output_piece.pid))
-    return reused / total if total else 0.0
+    prefix (possible in traces) is not reusable by prefix caching and does not count. That is
+    ``pooled_lru_hit_rate`` with unlimited room."""
+    return pooled_lru_hit_rate(requests, math.inf)
 
 
-def pooled_lru_hit_rate(requests: Iterable[SimRequest], capacity_tokens: int) -> float:
+def pooled_lru_hit_rate(requests: Iterable[SimRequest], capacity_tokens: float) -> float:
     """What ``ideal_hit_rate`` becomes when memory is finite: the share of prompt tokens reused by
     one LRU prefix cache of ``capacity_tokens`` (a cluster's KV capacity, pooled as if one GPU
     held it all and nothing were running), in arrival order, at piece granularity.
