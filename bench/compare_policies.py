@@ -8,6 +8,9 @@ exactly the requests of --seed at that rate.
     python bench/compare_policies.py            # 8 GPUs, all workloads
     python bench/compare_policies.py --workloads toolbench,loogle --duration 60
 
+The Mooncake trace replays whole at each rate (its 3993 requests: a p99 over ~40 of them, and
+every phase of the trace); ``--trace-duration S`` keeps only its first ``rate x S`` requests.
+
 Writes bench/results/compare_policies.json ({"rows": [...], "selected": ..., "sweep": [...]})
 and compare_policies.png, and prints the table.
 """
@@ -42,9 +45,12 @@ TRACE = ROOT.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
 BASELINES = [p for p in POLICY_NAMES if p not in ("e2", "round_robin")]
 
 
-def requests_for(name: str, rate: float, duration: float, seed: int):
+def requests_for(name: str, rate: float, duration: float | None, seed: int):
+    """``duration`` seconds of arrivals; for the trace, None replays all of it."""
     if name == "mooncake":
-        return load_trace(TRACE, rate=rate, n=max(1, round(rate * duration)), seed=seed)
+        n = None if duration is None else max(1, round(rate * duration))
+        return load_trace(TRACE, rate=rate, n=n, seed=seed)
+    assert duration is not None, "a synthetic workload needs a duration"
     return make_workload(name, max(1, round(rate * duration)), rate, seed=seed)
 
 
@@ -55,7 +61,12 @@ def base_rate(name: str, gpus: int) -> float:
 
 
 def compare_one(
-    name: str, gpus: int, duration: float, drain_frac: float, seed: int, sweep_seeds: int = 1
+    name: str,
+    gpus: int,
+    duration: float | None,
+    drain_frac: float,
+    seed: int,
+    sweep_seeds: int = 1,
 ) -> dict:
     """Sweep E2 over rates for one workload, then run every policy at the highest rate where E2
     finishes every request on each of ``sweep_seeds`` seeds (seed, seed + 1, ...): a rate that
@@ -118,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--workloads", default=WORKLOADS + (",mooncake" if TRACE.is_file() else ""))
     p.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals per run")
+    p.add_argument(
+        "--trace-duration",
+        type=float,
+        help="seconds of the Mooncake trace's arrivals per run (default: the whole trace)",
+    )
     p.add_argument("--drain-frac", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -141,7 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep_seeds < 1:
         p.error("--sweep-seeds must be >= 1")
     jobs = [
-        (n, args.gpus, args.duration, args.drain_frac, args.seed, args.sweep_seeds) for n in names
+        (
+            n,
+            args.gpus,
+            args.trace_duration if n == "mooncake" else args.duration,
+            args.drain_frac,
+            args.seed,
+            args.sweep_seeds,
+        )
+        for n in names
     ]
     rows: list[dict] = []
     sweep: list[dict] = []
@@ -176,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "gpus": args.gpus,
             "duration_s": args.duration,
+            "trace_duration_s": args.trace_duration,
             "drain_frac": args.drain_frac,
             "seed": args.seed,
             "sweep_seeds": args.sweep_seeds,

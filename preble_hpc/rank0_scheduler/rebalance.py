@@ -11,8 +11,11 @@ decision (explore already took the global minimum of ``L + M + P``):
    by ``L + M + P`` (REPLICATE), which thereby caches the prefix; the rank is remembered as a
    replica of that prefix. "Every holder" makes the trigger self-limiting: the new replica has
    neither the load nor the TTFT history, so the next request uses it instead of replicating again.
-   A load-triggered replica is made only when it is cheaper than the holder; a TTFT-triggered one
-   regardless (growing TTFT is the evidence that the cost model underestimates the holders).
+   Either trigger makes a replica only when it is cheaper than the holder. (A TTFT-triggered
+   replica used to be made regardless, taking growing TTFT as evidence that the cost model
+   underestimates the holders; but the mean TTFT also doubles when a half-window merely holds
+   longer prompts, and on the Mooncake trace those replicas recomputed long prefixes on dearer
+   ranks: the hit rate halved and E2 fell behind llm-d, see the README.)
 2. **Scale back**: when the prefix is no longer hot, requests for it go to an original holder
    instead of a replica (while the original costs at most ``rebalance_ratio`` x the replica), so
    the replica copies age out of those engines' caches.
@@ -58,8 +61,8 @@ class Rebalancer:
 
     def hot_trigger(
         self, inp: PolicyInput, holders: list[int], ttft_growth: Callable[[int], float]
-    ) -> tuple[str, str] | None:
-        """``("load" | "ttft", reason)`` when every holder is overloaded, else None."""
+    ) -> str | None:
+        """Why every holder is overloaded (by load or by TTFT growth), or None when one is not."""
         cfg = self.config
         ranks = inp.ranks
         load = e2_loads(inp)
@@ -71,12 +74,12 @@ class Rebalancer:
         else:
             mean = sum(load[r] for r in ranks) / len(ranks)
             if mean > 0.0 and all(load[h] > cfg.replicate_load_ratio * mean for h in holders):
-                return "load", f"holders' load > {cfg.replicate_load_ratio} x mean {mean:.3f}s"
+                return f"holders' load > {cfg.replicate_load_ratio} x mean {mean:.3f}s"
         growth = cfg.replicate_ttft_growth
         for h in holders:
             if ttft_growth(h) < growth:
                 return None
-        return "ttft", f"holders' TTFT grew >= {growth}x over the window"
+        return f"holders' TTFT grew >= {growth}x over the window"
 
     def adjust(
         self,
@@ -96,10 +99,9 @@ class Rebalancer:
                 return d  # no rank is lighter than an idle one: the usual exploit, priced once
         chosen_cost = explore_cost(inp, d.rank)
         if hot is not None:
-            trigger, why = hot
             held = set(holders)
             alt, alt_cost = cheapest(inp, (r for r in inp.ranks if r not in held))
-            if alt is not None and (trigger == "ttft" or alt_cost < chosen_cost):
+            if alt is not None and alt_cost < chosen_cost:
                 if node is not None:
                     if node.replicas is None:
                         node.replicas = set()
@@ -107,7 +109,7 @@ class Rebalancer:
                 return Decision(
                     alt,
                     DecisionKind.REPLICATE,
-                    f"hot prefix ({why}): replicate on rank {alt}, L+M+P={alt_cost:.4f}s vs "
+                    f"hot prefix ({hot}): replicate on rank {alt}, L+M+P={alt_cost:.4f}s vs "
                     f"holder {d.rank} {chosen_cost:.4f}s",
                     inp.per_rank_cached.get(alt, 0),
                 )

@@ -58,14 +58,28 @@ def test_load_hot_but_replica_not_cheaper_stays():
     assert Rebalancer(CFG).adjust(d, inp, m, no_growth) == d
 
 
-def test_ttft_growth_on_every_holder_replicates_even_when_dearer():
+def test_ttft_growth_on_every_holder_replicates_on_a_cheaper_non_holder():
+    # Holders' load 1.5 is not > 2 x mean 0.75 (no load trigger); 1.5 + 0.1 s against 0 + 1.0 s.
     holders = {1: 900, 2: 900}
-    inp = exploit_input(holders, {1: 0.1, 2: 0.1, 3: 0.1, 4: 0.1}, prefill_per_token=0.01)
+    inp = exploit_input(holders, {1: 1.5, 2: 1.5, 3: 0.0, 4: 0.0})
     _, m = tree_with(holders)
     d = e2(inp, CFG)
     r = Rebalancer(CFG).adjust(d, inp, m, lambda rank: 2.5 if rank in (1, 2) else 1.0)
     assert (r.rank, r.kind) == (3, DecisionKind.REPLICATE)
     assert "TTFT" in r.reason
+    assert prefix_node(m, [1, 2]).replicas == {3}
+
+
+def test_ttft_growth_never_replicates_at_a_loss():
+    # Holders 0.1 + 1.0 s against 0.1 + 10.0 s of prefill elsewhere: TTFT growth alone does not
+    # pay for recomputing the prefix on a dearer rank.
+    holders = {1: 900, 2: 900}
+    inp = exploit_input(holders, {1: 0.1, 2: 0.1, 3: 0.1, 4: 0.1}, prefill_per_token=0.01)
+    _, m = tree_with(holders)
+    d = e2(inp, CFG)
+    r = Rebalancer(CFG).adjust(d, inp, m, lambda rank: 2.5 if rank in (1, 2) else 1.0)
+    assert r == d and r.kind is DecisionKind.EXPLOIT
+    assert prefix_node(m, [1, 2]).replicas is None
 
 
 def test_ttft_growth_on_one_holder_only_is_not_hot():

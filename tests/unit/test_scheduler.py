@@ -248,6 +248,12 @@ def test_replication_triggers_on_ttft_growth_in_virtual_time():
         clock.t += 0.5
         s.on_first_token(f"late{i}")
     clock.t = 80.0
+    for i in range(9):
+        s.on_finished(finished(f"early{i}" if i < 5 else f"late{i}", 2))
+    # A long unrelated prefill queues on the holder (rank 1 still prefills "other"), then rank 1
+    # is free: copying the 1000-token prefix there is now cheaper than waiting on rank 2.
+    assert s.schedule("big", list(range(30_000, 38_000)), 16).rank == 2
+    s.on_first_token("other")
     d = s.schedule("hot", prompt(100), 16)
     assert (d.rank, d.kind) == (1, DecisionKind.REPLICATE)
     assert "TTFT" in d.reason
