@@ -67,11 +67,13 @@ def compare_one(
     drain_frac: float,
     seed: int,
     sweep_seeds: int = 1,
+    fixed_rate: float | None = None,
 ) -> dict:
     """Sweep E2 over rates for one workload, then run every policy at the highest rate where E2
     finishes every request on each of ``sweep_seeds`` seeds (seed, seed + 1, ...): a rate that
     only one lucky seed gets through is past saturation, and its p99 is over the survivors.
-    The comparison runs on ``seed``. Returns its rows, sweep rows, rate and printed lines."""
+    ``fixed_rate`` skips the sweep. The comparison runs on ``seed``. Returns its rows, sweep
+    rows, rate and printed lines."""
     lines: list[str] = []
     sweep: list[dict] = []
     base = base_rate(name, gpus)
@@ -82,7 +84,7 @@ def compare_one(
         return reqs, SimConfig(gpus=gpus, seed=s, drain_s=max(1.0, drain_frac * span))
 
     best = None
-    for m in MULTIPLIERS:
+    for m in MULTIPLIERS if fixed_rate is None else ():
         rate = round(base * m, 3)
         all_finished = True
         for s in range(seed, seed + sweep_seeds):
@@ -101,7 +103,9 @@ def compare_one(
         if not all_finished:
             break
         best = at_rate
-    if best is None:
+    if fixed_rate is not None:
+        best = (fixed_rate, *setup(fixed_rate))
+    elif best is None:
         lines.append(f"  {name}: E2 does not finish every request even at Preble's rate")
         rate = round(base, 3)
         best = (rate, *setup(rate))
@@ -143,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         help="E2 must finish every request on this many seeds (--seed and the next) for a rate "
         "to be chosen (default 3)",
     )
+    p.add_argument(
+        "--rates-from",
+        help="an earlier output JSON: run each workload at its selected rate there (no sweep)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="workloads simulated in parallel")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "compare_policies.json"))
     p.add_argument("--replot", action="store_true", help="only redraw the plot of --out")
@@ -156,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     names = [w for w in args.workloads.split(",") if w]
     if args.sweep_seeds < 1:
         p.error("--sweep-seeds must be >= 1")
+    fixed: dict[str, float] = {}
+    if args.rates_from:
+        try:
+            fixed = json.loads(Path(args.rates_from).read_text())["selected_rates"]
+        except (OSError, ValueError, KeyError) as exc:
+            p.error(f"--rates-from {args.rates_from}: no selected_rates to read ({exc})")
+        if missing := [n for n in names if n not in fixed]:
+            p.error(f"--rates-from {args.rates_from} has no rate for {', '.join(missing)}")
     jobs = [
         (
             n,
@@ -164,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             args.drain_frac,
             args.seed,
             args.sweep_seeds,
+            fixed.get(n),
         )
         for n in names
     ]
@@ -204,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             "drain_frac": args.drain_frac,
             "seed": args.seed,
             "sweep_seeds": args.sweep_seeds,
+            "rates_from": args.rates_from,
             "multipliers_of_prebles_rate": MULTIPLIERS,
             "engine": SimConfig().__dict__,
             "wall_s": round(time.perf_counter() - t0, 1),

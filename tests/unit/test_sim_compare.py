@@ -48,3 +48,10 @@ def test_no_baseline_finishing_leaves_the_best_empty():
     s = compare.summarize(rows)["w"]
     assert s["best_baseline_mean"] is None and s["best_over_e2_mean"] is None
     assert s["target_no_worse_mean"] and s["target_no_worse_p99"]
+
+
+def test_a_fixed_rate_skips_the_sweep_and_runs_every_policy_there():
+    r = compare.compare_one("loogle", 2, 5.0, 0.1, 0, sweep_seeds=3, fixed_rate=3.0)
+    assert r["rate"] == 3.0 and r["sweep"] == []
+    assert [row["policy"] for row in r["rows"]] == list(compare.POLICY_NAMES)
+    assert {(row["rate"], row["requests"]) for row in r["rows"]} == {(3.0, 15)}
