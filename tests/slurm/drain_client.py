@@ -1,6 +1,7 @@
 """Connect, print ``{"event": "ready"}``, wait for a line on stdin, then open N streaming
 Generate calls at once and read them all to the end, printing JSON lines:
-``{"event": "first_token", "request": i}`` as soon as request i streams its first token, then one
+``{"event": "first_token", "request": i, "tokens": n}`` as soon as request i streams its first
+message (``n`` tokens in it), ``progress`` lines as it goes, then one
 ``{"event": "done", ...}`` per request (tokens received, finish reason, or the gRPC status code
 that ended it). Every line carries the wall time ``t``, to line it up with the job's logs.
 
@@ -25,6 +26,8 @@ from preble_hpc._proto import preble_pb2 as pb
 from preble_hpc._proto import preble_pb2_grpc as pb_grpc
 
 _print_lock = threading.Lock()
+#: A ``progress`` line every this many tokens: how far behind the server the client reads.
+_PROGRESS_EVERY = 5000
 
 
 def emit(record: dict) -> None:
@@ -41,9 +44,12 @@ def read(stub: pb_grpc.PrebleStub, i: int, max_tokens: int) -> dict:
     )
     try:
         for response in stub.Generate(request, timeout=600):
-            if tokens == 0 and response.delta.token_ids:
-                emit({"event": "first_token", "request": i})
-            tokens += len(response.delta.token_ids)
+            got = len(response.delta.token_ids)
+            if tokens == 0 and got:
+                emit({"event": "first_token", "request": i, "tokens": got})
+            elif tokens // _PROGRESS_EVERY < (tokens + got) // _PROGRESS_EVERY:
+                emit({"event": "progress", "request": i, "tokens": tokens + got})
+            tokens += got
             if response.HasField("final"):
                 finish = response.final.finish_reason
     except grpc.RpcError as exc:

@@ -162,6 +162,16 @@ class _DrainClient:
             self.proc.wait(timeout=30)
 
 
+def _wait_in_flight(stub: pb_grpc.PrebleStub, n: int, timeout_s: float) -> None:
+    """Until rank 0 reports ``n`` requests in flight (GetStats)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if stub.GetStats(pb.GetStatsRequest(), timeout=30).in_flight >= n:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"rank 0 had fewer than {n} request(s) in flight after {timeout_s} s")
+
+
 def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_path):
     submit_dir = tmp_path / "submit"
     submit_dir.mkdir()
@@ -203,7 +213,7 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
         assert addr.startswith("127.0.0.1:"), addr
         # Requests open when the stop signal comes must still finish in full. The drain request
         # comes from a separate process (drain_client.py), started now while the engines idle;
-        # scancel is forked ahead and released through its stdin once the request streams.
+        # scancel is forked ahead and released through its stdin once rank 0 has it in flight.
         drain = _DrainClient(addr)
         signaller = slurm.prepare_scancel("--batch", "--signal=TERM", job)
 
@@ -222,9 +232,12 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
             stats = stub.GetStats(pb.GetStatsRequest(), timeout=30)
             assert [r.rank for r in stats.ranks] == [1, 2] and stats.policy == "e2"
 
-        drain.wait_for("ready", 120)
-        drain.go()
-        drain.wait_for("first_token", 180)
+            drain.wait_for("ready", 120)
+            drain.go()
+            # Signal once rank 0 has the request in flight, not once the client has read a token:
+            # on 2 busy cores a CI run's client read its first token 45-55 s after the engine
+            # began to generate, so close to the end that the signal came after the request.
+            _wait_in_flight(stub, DRAIN_REQUESTS, timeout_s=180)
         signalled_at = time.time()
         signaller.release(timeout_s=SCANCEL_TIMEOUT_S)
         done = drain.finish(timeout_s=600)
