@@ -40,10 +40,13 @@ ENGINE_FLAGS = "--enforce-eager --dtype float32 --kv-cache-gib 1 --seed 0 --max-
 # after both drain requests had streamed for a minute. So: one drain request (one engine busy,
 # a core left for rank 0, the client and Slurm), a client started and connected before it is
 # sent, a scancel forked ahead, and a long request (DRAIN_TOKENS past the tiny model's 4096
-# positions, which vLLM allows on request: its weights are random anyway), about two minutes
-# of decoding; the signal goes out as soon as it streams its first token.
-DRAIN_MAX_MODEL_LEN = 20480
-DRAIN_TOKENS = 20000
+# positions, which vLLM allows on request: its weights are random anyway), 80-120 s of
+# decoding; the signal goes out as soon as an engine's log shows the request running. Not on the
+# client's first token: a CI run's client read it ~50 s after the engine began (rank 0 had sent
+# it), so late that the signal came after the request ended; nor on GetStats, which once took
+# over 30 s to answer while the engine decoded.
+DRAIN_MAX_MODEL_LEN = 30720
+DRAIN_TOKENS = 30000
 DRAIN_REQUESTS = 1
 SCANCEL_TIMEOUT_S = 180
 #: CPU settings: one allocated task slot, three tasks overcommitted on it (2 cores here).
@@ -162,14 +165,22 @@ class _DrainClient:
             self.proc.wait(timeout=30)
 
 
-def _wait_in_flight(stub: pb_grpc.PrebleStub, n: int, timeout_s: float) -> None:
-    """Until rank 0 reports ``n`` requests in flight (GetStats)."""
+def _log_sizes(logs: Path) -> dict[Path, int]:
+    return {p: p.stat().st_size for p in logs.glob("rank-*.log")}
+
+
+def _wait_engine_running(logs: Path, since: dict[Path, int], timeout_s: float) -> None:
+    """Until a worker's vLLM engine logs a running request (its periodic stats line) in what it
+    wrote after ``since`` (byte offsets per log)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if stub.GetStats(pb.GetStatsRequest(), timeout=30).in_flight >= n:
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"rank 0 had fewer than {n} request(s) in flight after {timeout_s} s")
+        for p in logs.glob("rank-*.log"):
+            with open(p, "rb") as f:
+                f.seek(since.get(p, 0))
+                if re.search(rb"Running: [1-9]\d* reqs", f.read()):
+                    return
+        time.sleep(0.5)
+    raise TimeoutError(f"no engine logged a running request within {timeout_s} s")
 
 
 def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_path):
@@ -213,7 +224,7 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
         assert addr.startswith("127.0.0.1:"), addr
         # Requests open when the stop signal comes must still finish in full. The drain request
         # comes from a separate process (drain_client.py), started now while the engines idle;
-        # scancel is forked ahead and released through its stdin once rank 0 has it in flight.
+        # scancel is forked ahead and released through its stdin once an engine logs it running.
         drain = _DrainClient(addr)
         signaller = slurm.prepare_scancel("--batch", "--signal=TERM", job)
 
@@ -232,12 +243,10 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
             stats = stub.GetStats(pb.GetStatsRequest(), timeout=30)
             assert [r.rank for r in stats.ranks] == [1, 2] and stats.policy == "e2"
 
-            drain.wait_for("ready", 120)
-            drain.go()
-            # Signal once rank 0 has the request in flight, not once the client has read a token:
-            # on 2 busy cores a CI run's client read its first token 45-55 s after the engine
-            # began to generate, so close to the end that the signal came after the request.
-            _wait_in_flight(stub, DRAIN_REQUESTS, timeout_s=180)
+        drain.wait_for("ready", 120)
+        before = _log_sizes(logs)
+        drain.go()
+        _wait_engine_running(logs, before, timeout_s=180)
         signalled_at = time.time()
         signaller.release(timeout_s=SCANCEL_TIMEOUT_S)
         done = drain.finish(timeout_s=600)
