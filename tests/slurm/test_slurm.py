@@ -121,6 +121,7 @@ class _DrainClient:
             text=True,
         )
         self.lines: list[str] = []
+        self.records: list[dict] = []  # the lines, parsed
         self._events: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -128,8 +129,10 @@ class _DrainClient:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            record = json.loads(line)
             self.lines.append(line)
-            self._events.put(json.loads(line))
+            self.records.append(record)
+            self._events.put(record)
         self._events.put(None)
 
     def wait_for(self, event: str, timeout_s: float) -> None:
@@ -157,7 +160,7 @@ class _DrainClient:
         self._reader.join(timeout=30)
         err = self.proc.stderr.read()  # type: ignore[union-attr]
         assert self.proc.returncode == 0, err[-3000:]
-        return [r for r in map(json.loads, self.lines) if r["event"] == "done"]
+        return [r for r in self.records if r["event"] == "done"]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
