@@ -11,14 +11,19 @@ exactly the requests of --seed at that rate.
 The Mooncake trace replays whole at each rate (its 3993 requests: a p99 over ~40 of them, and
 every phase of the trace); ``--trace-duration S`` keeps only its first ``rate x S`` requests.
 
-Writes bench/results/compare_policies.json ({"rows": [...], "selected": ..., "sweep": [...]})
-and compare_policies.png, and prints the table.
+``--eval-seeds N`` runs every policy on N seeds (--seed and the next) at that rate and adds a
+summary of the seed-means: on one seed a p99 rests on a handful of requests.
+
+Writes bench/results/compare_policies.json ({"rows": [...], "selected_rates": ..., "sweep": [...],
+and with --eval-seeds "seed_rows" and "seeds_summary"}) and compare_policies.png, and prints the
+tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import replace
@@ -37,6 +42,7 @@ from preble_hpc.sim.workloads import (  # noqa: E402
     load_trace,
     make_workload,
     pooled_lru_hit_rate,
+    pooled_oracle_hit_rate,
 )
 
 WORKLOADS = "toolbench,alfworld,apps,videoqa,loogle,mix,toolbench_zipf,videoqa_zipf"
@@ -68,12 +74,14 @@ def compare_one(
     seed: int,
     sweep_seeds: int = 1,
     fixed_rate: float | None = None,
+    eval_seeds: int = 1,
 ) -> dict:
     """Sweep E2 over rates for one workload, then run every policy at the highest rate where E2
     finishes every request on each of ``sweep_seeds`` seeds (seed, seed + 1, ...): a rate that
     only one lucky seed gets through is past saturation, and its p99 is over the survivors.
-    ``fixed_rate`` skips the sweep. The comparison runs on ``seed``. Returns its rows, sweep
-    rows, rate and printed lines."""
+    ``fixed_rate`` skips the sweep. The comparison runs on ``seed`` (its rows: ``rows``) and,
+    with ``eval_seeds`` > 1, on the seeds after it too (every seed's rows: ``seed_rows``).
+    Returns those rows, the sweep rows, the rate and the printed lines."""
     lines: list[str] = []
     sweep: list[dict] = []
     base = base_rate(name, gpus)
@@ -110,18 +118,41 @@ def compare_one(
         rate = round(base, 3)
         best = (rate, *setup(rate))
     rate, reqs, sim = best
+    rows = _run_policies(name, rate, reqs, sim, gpus, lines)
+    seed_rows = [{**row, "seed": seed} for row in rows]
+    for s in range(seed + 1, seed + eval_seeds):
+        more = _run_policies(name, rate, *setup(rate, s), gpus, lines)
+        seed_rows += [{**row, "seed": s} for row in more]
+    return {
+        "name": name,
+        "rate": rate,
+        "rows": rows,
+        "seed_rows": seed_rows if eval_seeds > 1 else [],
+        "sweep": sweep,
+        "lines": lines,
+    }
+
+
+def _run_policies(
+    name: str, rate: float, reqs: list, sim: SimConfig, gpus: int, lines: list[str]
+) -> list[dict]:
+    """Every policy on the same requests: their rows, with the table lines added to ``lines``."""
     ideal = ideal_hit_rate(reqs)
-    pooled = round(pooled_lru_hit_rate(reqs, gpus * sim.kv_capacity_tokens), 6)
-    lines += [f"\n== {name}  rate {rate:g}/s  {len(reqs)} requests  {gpus} GPUs", HEADER]
+    memory = gpus * sim.kv_capacity_tokens
+    pooled = round(pooled_lru_hit_rate(reqs, memory), 6)
+    oracle = round(pooled_oracle_hit_rate(reqs, memory), 6)
+    lines += [f"\n== {name}  rate {rate:g}/s  seed {sim.seed}  {len(reqs)} requests  {gpus} GPUs"]
+    lines.append(HEADER)
     rows = []
     for pol in POLICY_NAMES:
         res = simulate(reqs, pol, replace(sim), SchedulerConfig(), ideal=ideal)
         row = res.row(name, rate)
         row["decisions"] = res.decisions
         row["pooled_lru_hit_rate"] = pooled
+        row["pooled_oracle_hit_rate"] = oracle
         rows.append(row)
         lines.append(f"{format_row(row)}  ({res.wall_s:.1f}s)")
-    return {"name": name, "rate": rate, "rows": rows, "sweep": sweep, "lines": lines}
+    return rows
 
 
 def _compare_one(a: tuple) -> dict:
@@ -148,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         "to be chosen (default 3)",
     )
     p.add_argument(
+        "--eval-seeds",
+        type=int,
+        default=1,
+        help="run every policy on this many seeds (--seed and the next) at the chosen rate and "
+        "summarize their seed-means too (default 1: --seed only)",
+    )
+    p.add_argument(
         "--rates-from",
         help="an earlier output JSON: run each workload at its selected rate there (no sweep)",
     )
@@ -164,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [w for w in args.workloads.split(",") if w]
     if args.sweep_seeds < 1:
         p.error("--sweep-seeds must be >= 1")
+    if args.eval_seeds < 1:
+        p.error("--eval-seeds must be >= 1")
     fixed: dict[str, float] = {}
     if args.rates_from:
         try:
@@ -181,10 +221,12 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             args.sweep_seeds,
             fixed.get(n),
+            args.eval_seeds,
         )
         for n in names
     ]
     rows: list[dict] = []
+    seed_rows: list[dict] = []
     sweep: list[dict] = []
     selected: dict[str, float] = {}
     partial = out.with_suffix(".partial.jsonl")
@@ -194,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     def take(r: dict) -> None:
         print("\n".join(r["lines"]), flush=True)
         rows.extend(r["rows"])
+        seed_rows.extend(r["seed_rows"])
         sweep.extend(r["sweep"])
         selected[r["name"]] = r["rate"]
         with partial.open("a") as f:  # what is done survives an interrupted run
@@ -210,8 +253,12 @@ def main(argv: list[str] | None = None) -> int:
             take(_compare_one(j))
     order = {n: i for i, n in enumerate(names)}
     rows.sort(key=lambda r: order[r["workload"]])
+    seed_rows.sort(key=lambda r: (order[r["workload"]], r["seed"]))
     summary = summarize(rows)
     print_summary(summary)
+    seeds_summary = summarize_seeds(seed_rows) if seed_rows else None
+    if seeds_summary:
+        print_seeds_summary(seeds_summary)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "config": {
@@ -221,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             "drain_frac": args.drain_frac,
             "seed": args.seed,
             "sweep_seeds": args.sweep_seeds,
+            "eval_seeds": args.eval_seeds,
             "rates_from": args.rates_from,
             "multipliers_of_prebles_rate": MULTIPLIERS,
             "engine": SimConfig().__dict__,
@@ -228,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "selected_rates": selected,
         "summary": summary,
+        "seeds_summary": seeds_summary,
         "rows": rows,
+        "seed_rows": seed_rows,
         "sweep": sweep,
     }
     out.write_text(json.dumps(doc, indent=1) + "\n")
@@ -269,6 +319,7 @@ def summarize(rows: list[dict]) -> dict:
             "best_over_e2_p99": best_p99 and _ratio(best_p99["p99_latency_s"], e2_p99),
             "hit_over_ideal": _ratio(e2["hit_rate"], e2["ideal_hit_rate"]),
             "hit_over_pooled_lru": _ratio(e2["hit_rate"], e2.get("pooled_lru_hit_rate")),
+            "hit_over_pooled_oracle": _ratio(e2["hit_rate"], e2.get("pooled_oracle_hit_rate")),
             "e2_finished_all": e2["finished"] == e2["requests"],
         }
         s = out[wl]
@@ -277,6 +328,94 @@ def summarize(rows: list[dict]) -> dict:
         s["target_no_worse_p99"] = best_p99 is None or (s["best_over_e2_p99"] or 0) >= 1.0
         s["target_hit_within_10pct"] = (s["hit_over_ideal"] or 0) >= 0.9
     return out
+
+
+def summarize_seeds(seed_rows: list[dict]) -> dict:
+    """Per workload, over every evaluated seed: each policy's seed-mean of its mean and p99
+    latency, E2 against the best baseline by those means, and on how many seeds E2's p99 is no
+    worse than that baseline's (a one-seed p99 is a handful of requests: 1% of 1440 is 15).
+
+    A baseline competes when it finished at least as many requests as E2 on every seed: on a
+    seed past saturation E2 drops requests too, and a policy that drops more is measured over
+    easier survivors."""
+    return {
+        wl: _seeds_summary([r for r in seed_rows if r["workload"] == wl])
+        for wl in dict.fromkeys(r["workload"] for r in seed_rows)
+    }
+
+
+def _seeds_summary(rows: list[dict]) -> dict:
+    seeds = sorted({r["seed"] for r in rows})
+    by = {(r["policy"], r["seed"]): r for r in rows}
+    pols = [p for p in POLICY_NAMES if all((p, x) in by for x in seeds)]
+    means = {
+        p: {key: sum(_latency(by[p, x], key) for x in seeds) / len(seeds) for key in _LATENCIES}
+        for p in pols
+    }
+    rivals = [
+        p
+        for p in BASELINES
+        if p in means and all(by[p, x]["finished"] >= by["e2", x]["finished"] for x in seeds)
+    ]
+    best_mean = min(rivals, key=lambda p: means[p]["mean_latency_s"], default=None)
+    best_p99 = min(rivals, key=lambda p: means[p]["p99_latency_s"], default=None)
+    e2 = means["e2"]
+    out = {
+        "seeds": seeds,
+        "policies": {
+            p: {
+                "mean_s": _rounded(means[p]["mean_latency_s"]),
+                "p99_s": _rounded(means[p]["p99_latency_s"]),
+                "finished": sum(by[p, x]["finished"] for x in seeds),
+                "requests": sum(by[p, x]["requests"] for x in seeds),
+            }
+            for p in pols
+        },
+        "rivals": rivals,
+        "best_baseline_mean": best_mean,
+        "best_over_e2_mean": best_mean
+        and _ratio(means[best_mean]["mean_latency_s"], e2["mean_latency_s"]),
+        "best_baseline_p99": best_p99,
+        "best_over_e2_p99": best_p99
+        and _ratio(means[best_p99]["p99_latency_s"], e2["p99_latency_s"]),
+        "e2_p99_no_worse_seeds": best_p99
+        and sum(by["e2", x]["p99_latency_s"] <= by[best_p99, x]["p99_latency_s"] for x in seeds),
+    }
+    out["target_no_worse_mean"] = best_mean is None or (out["best_over_e2_mean"] or 0) >= 1.0
+    out["target_no_worse_p99"] = best_p99 is None or (out["best_over_e2_p99"] or 0) >= 1.0
+    return out
+
+
+_LATENCIES = ("mean_latency_s", "p99_latency_s")
+
+
+def _latency(row: dict, key: str) -> float:
+    """A row's latency; infinite when it finished nothing (its latency is ``None``)."""
+    v = row[key]
+    return math.inf if v is None else v
+
+
+def _rounded(x: float) -> float | None:
+    return round(x, 4) if math.isfinite(x) else None
+
+
+def print_seeds_summary(summary: dict) -> None:
+    """One line per workload: seed-means of E2 and of the best rival baseline."""
+    print(
+        f"\nover seeds: {'workload':<16} {'seeds':>5} {'best (mean)':>19} {'s':>6} {'E2 s':>6} "
+        f"{'best/E2':>7} {'best (p99)':>19} {'s':>6} {'E2 s':>6} {'best/E2':>7} {'E2<=best':>8}"
+    )
+    for wl, s in summary.items():
+        pols = s["policies"]
+        bm, bp = s["best_baseline_mean"], s["best_baseline_p99"]
+        wins = "-" if bp is None else f"{s['e2_p99_no_worse_seeds']}/{len(s['seeds'])}"
+        print(
+            f"            {wl:<16} {len(s['seeds']):>5} {bm or 'none':>19}"
+            f" {_fmt(bm and pols[bm]['mean_s']):>6} {_fmt(pols['e2']['mean_s']):>6}"
+            f" {_fmt(s['best_over_e2_mean']):>7} {bp or 'none':>19}"
+            f" {_fmt(bp and pols[bp]['p99_s'], 1):>6} {_fmt(pols['e2']['p99_s'], 1):>6}"
+            f" {_fmt(s['best_over_e2_p99']):>7} {wins:>8}"
+        )
 
 
 def _ratio(a, b):
@@ -289,7 +428,7 @@ def print_summary(summary: dict) -> None:
     print(
         f"\n{'workload':<16} {'RR/E2 mean':>10} {'RR/E2 p99':>10} {'best (mean)':>19} "
         f"{'s':>6} {'E2 s':>6} {'best/E2':>7} {'best (p99)':>19} {'s':>6} {'E2 s':>6} "
-        f"{'best/E2':>7} {'hit/ideal':>9} {'hit/LRU':>7}"
+        f"{'best/E2':>7} {'hit/ideal':>9} {'hit/LRU':>7} {'hit/oracle':>10}"
     )
     for wl, s in summary.items():
         star = "" if s["rr_finished_all"] else "*"
@@ -301,6 +440,7 @@ def print_summary(summary: dict) -> None:
             f" {s['best_baseline_p99'] or 'none':>19} {_fmt(s['best_p99_s'], 1):>6}"
             f" {_fmt(s['e2_p99_s'], 1):>6} {_fmt(s['best_over_e2_p99']):>7}"
             f" {_fmt(s['hit_over_ideal'], 3):>9} {_fmt(s.get('hit_over_pooled_lru'), 3):>7}"
+            f" {_fmt(s.get('hit_over_pooled_oracle'), 3):>10}"
         )
 
 

@@ -22,6 +22,7 @@ Distributed Prompt Scheduling for LLM Serving", ICLR 2025, Table 1 / section 5 c
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import random
@@ -45,6 +46,7 @@ __all__ = [
     "gamma_arrivals",
     "ideal_hit_rate",
     "pooled_lru_hit_rate",
+    "pooled_oracle_hit_rate",
     "default_rate",
     "default_requests",
     "prompt_stats",
@@ -528,33 +530,84 @@ def pooled_lru_hit_rate(requests: Iterable[SimRequest], capacity_tokens: float) 
     one LRU prefix cache of ``capacity_tokens`` (a cluster's KV capacity, pooled as if one GPU
     held it all and nothing were running), in arrival order, at piece granularity.
 
-    A reference for what a placement policy can reach on this memory, not a strict bound (an
-    oracle eviction could keep more; per-GPU caches, running requests and block rounding keep
-    less). On a trace whose reuse distances exceed the cluster's memory (Mooncake at 8 GPUs) it
-    is far below the ideal. Prompt and cached-output pieces both take room; a request's own
-    path is touched deepest-first, so the LRU end holds leaves before their ancestors."""
+    A reference for what a placement policy can reach on this memory with LRU engines (vLLM's
+    eviction), not a strict bound (``pooled_oracle_hit_rate`` evicts better; per-GPU caches,
+    running requests and block rounding keep less). On a trace whose reuse distances exceed the
+    cluster's memory (Mooncake at 8 GPUs) it is far below the ideal. Prompt and cached-output
+    pieces both take room; a request's own path is touched deepest-first, so the LRU end holds
+    leaves before their ancestors."""
     cache: OrderedDict[tuple[int, int], int] = OrderedDict()
     used = total = reused = 0
-    for r in sorted(requests, key=lambda r: r.arrival):
-        key, hit, path = 0, True, []
-        pieces = (*r.pieces, r.output_piece) if r.output_piece is not None else r.pieces
-        for i, p in enumerate(pieces):
-            node = (key, p.pid)
-            path.append(node)
-            if i < len(r.pieces):
-                total += p.n
+    for path, prompt_pieces in _piece_paths(requests):
+        hit = True
+        for i, (node, n) in enumerate(path):
+            if i < prompt_pieces:
+                total += n
                 hit = hit and node in cache
                 if hit:
-                    reused += p.n
+                    reused += n
             if node not in cache:
-                cache[node] = p.n
-                used += p.n
-            key = hash(node)
-        for node in reversed(path):  # the root-most node ends up most recent
+                cache[node] = n
+                used += n
+        for node, _ in reversed(path):  # the root-most node ends up most recent
             cache.move_to_end(node)
         while used > capacity_tokens and cache:
             used -= cache.popitem(last=False)[1]
     return reused / total if total else 0.0
+
+
+def pooled_oracle_hit_rate(requests: Iterable[SimRequest], capacity_tokens: float) -> float:
+    """``pooled_lru_hit_rate`` with a clairvoyant eviction: when the pooled cache is over
+    ``capacity_tokens``, drop the piece whose next use is furthest away (Belady's rule; among
+    equals, the deepest, so a kept piece never waits on an evicted ancestor).
+
+    What this memory could reuse if the engines knew the future: the gap to the LRU figure is the
+    engines' eviction, the gap from the LRU figure down to a policy's hit rate is placement (and
+    per-GPU memory). Belady is optimal for equal sizes; with pieces of unequal size it is a
+    close estimate, not a strict bound."""
+    paths = list(_piece_paths(requests))
+    next_use: list[list[float]] = [[]] * len(paths)
+    seen: dict[tuple[int, int], int] = {}
+    for i in range(len(paths) - 1, -1, -1):
+        next_use[i] = [seen.get(node, math.inf) for node, _ in paths[i][0]]
+        for node, _ in paths[i][0]:
+            seen[node] = i
+    cache: dict[tuple[int, int], tuple[int, float]] = {}  # node -> (tokens, next use)
+    heap: list[tuple[float, int, int, tuple[int, int]]] = []  # (-next use, -depth, order, node)
+    used = total = reused = order = 0
+    for (path, prompt_pieces), uses in zip(paths, next_use, strict=True):
+        hit = True
+        for depth, ((node, n), nxt) in enumerate(zip(path, uses, strict=True)):
+            if depth < prompt_pieces:
+                total += n
+                hit = hit and node in cache
+                if hit:
+                    reused += n
+            old = cache.get(node)
+            used += n - (old[0] if old else 0)
+            cache[node] = (n, nxt)
+            order += 1
+            heapq.heappush(heap, (-nxt, -depth, order, node))
+        while used > capacity_tokens and heap:
+            neg_next, _, _, node = heapq.heappop(heap)
+            entry = cache.get(node)
+            if entry is not None and entry[1] == -neg_next:  # else a stale heap entry
+                used -= entry[0]
+                del cache[node]
+    return reused / total if total else 0.0
+
+
+def _piece_paths(requests: Iterable[SimRequest]):
+    """Per request in arrival order: its pieces as prefix-tree nodes ``((parent key, piece id),
+    tokens)``, the cached output last, and how many of them are the prompt."""
+    for r in sorted(requests, key=lambda r: r.arrival):
+        key, path = 0, []
+        pieces = (*r.pieces, r.output_piece) if r.output_piece is not None else r.pieces
+        for p in pieces:
+            node = (key, p.pid)
+            path.append((node, p.n))
+            key = hash(node)
+        yield path, len(r.pieces)
 
 
 def prompt_stats(requests: Sequence[SimRequest]) -> dict[str, float]:

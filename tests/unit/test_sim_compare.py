@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 _PATH = Path(__file__).resolve().parents[2] / "bench" / "compare_policies.py"
 _spec = importlib.util.spec_from_file_location("compare_policies", _PATH)
 assert _spec is not None and _spec.loader is not None
@@ -21,6 +23,7 @@ def _row(policy: str, mean: float, p99: float, finished: int = 100) -> dict:
         "hit_rate": 0.45,
         "ideal_hit_rate": 0.5,
         "pooled_lru_hit_rate": 0.48,
+        "pooled_oracle_hit_rate": 0.5,
     }
 
 
@@ -40,6 +43,7 @@ def test_a_baseline_that_drops_requests_is_not_the_best():
     assert (s["rr_over_e2_mean"], s["rr_over_e2_p99"], s["rr_finished_all"]) == (4.0, 4.0, False)
     assert s["target_hit_within_10pct"]
     assert (s["hit_over_ideal"], s["hit_over_pooled_lru"]) == (0.9, 0.938)
+    assert s["hit_over_pooled_oracle"] == 0.9
 
 
 def test_no_baseline_finishing_leaves_the_best_empty():
@@ -55,3 +59,53 @@ def test_a_fixed_rate_skips_the_sweep_and_runs_every_policy_there():
     assert r["rate"] == 3.0 and r["sweep"] == []
     assert [row["policy"] for row in r["rows"]] == list(compare.POLICY_NAMES)
     assert {(row["rate"], row["requests"]) for row in r["rows"]} == {(3.0, 15)}
+
+
+def _seed_row(policy: str, seed: int, mean: float, p99: float, finished: int = 100) -> dict:
+    return {**_row(policy, mean, p99, finished), "seed": seed}
+
+
+def test_seed_means_pick_the_best_rival_and_count_the_seeds_e2_wins():
+    rows = [
+        _seed_row("e2", 0, 2.0, 10.0),
+        _seed_row("e2", 1, 3.0, 12.0, finished=90),  # past saturation on seed 1
+        _seed_row("round_robin", 0, 9.0, 50.0),
+        _seed_row("round_robin", 1, 9.0, 50.0),
+        _seed_row("sglang_cache_aware", 0, 2.5, 9.0),
+        _seed_row("sglang_cache_aware", 1, 2.5, 14.0, finished=95),  # more than E2: a rival
+        _seed_row("llmd_scorer", 0, 1.0, 5.0),
+        _seed_row("llmd_scorer", 1, 1.0, 5.0, finished=80),  # dropped more than E2: not one
+    ]
+    s = compare.summarize_seeds(rows)["w"]
+    assert s["seeds"] == [0, 1] and s["rivals"] == ["sglang_cache_aware"]
+    assert s["policies"]["e2"] == {"mean_s": 2.5, "p99_s": 11.0, "finished": 190, "requests": 200}
+    assert (s["best_baseline_mean"], s["best_over_e2_mean"]) == ("sglang_cache_aware", 1.0)
+    assert (s["best_baseline_p99"], s["best_over_e2_p99"]) == ("sglang_cache_aware", 1.045)
+    assert s["e2_p99_no_worse_seeds"] == 1  # 10 > 9 on seed 0, 12 <= 14 on seed 1
+    assert s["target_no_worse_mean"] and s["target_no_worse_p99"]
+
+
+def test_a_policy_that_finished_nothing_has_no_seed_mean():
+    rows = [_seed_row("e2", 0, 2.0, 10.0), _seed_row("llmd_scorer", 0, None, None, finished=0)]
+    s = compare.summarize_seeds(rows)["w"]
+    assert s["policies"]["llmd_scorer"]["mean_s"] is None and s["rivals"] == []
+
+
+def test_eval_seeds_runs_every_policy_on_each_seed_and_keeps_the_first_as_rows():
+    r = compare.compare_one("loogle", 2, 5.0, 0.1, 0, sweep_seeds=1, fixed_rate=3.0, eval_seeds=2)
+    assert [row["policy"] for row in r["rows"]] == list(compare.POLICY_NAMES)
+    assert [row["seed"] for row in r["seed_rows"]] == [0] * 7 + [1] * 7
+
+    def unseeded(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in row.items() if k != "seed"} for row in rows]
+
+    assert unseeded(r["seed_rows"][:7]) == r["rows"]
+    seed1 = compare.compare_one("loogle", 2, 5.0, 0.1, 1, sweep_seeds=1, fixed_rate=3.0)
+    assert unseeded(r["seed_rows"][7:]) == seed1["rows"]
+
+
+def test_eval_seeds_below_one_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        compare.main(["--eval-seeds", "0", "--workloads", "loogle"])
+    assert exc.value.code == 2
+    assert "--eval-seeds must be >= 1" in capsys.readouterr().err

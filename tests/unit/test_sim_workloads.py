@@ -20,6 +20,7 @@ from preble_hpc.sim.workloads import (
     piece_tokens,
     poisson_arrivals,
     pooled_lru_hit_rate,
+    pooled_oracle_hit_rate,
     prompt_stats,
     spread_ticks,
     workload_names,
@@ -160,6 +161,33 @@ def test_pooled_lru_hit_rate_reuses_only_what_still_fits():
     assert pooled_lru_hit_rate(reqs, 120) == pytest.approx((100 + 100) / total)
     # Less than one prefix: nothing survives to the next request.
     assert pooled_lru_hit_rate(reqs, 90) == 0.0
+
+
+def test_the_oracle_keeps_what_is_used_next_where_lru_keeps_what_was_used_last():
+    x, y, z = Piece(1, 100), Piece(2, 100), Piece(3, 100)
+    cycle = [SimRequest(f"r{i}", float(i), (piece,), 1, 1) for i, piece in enumerate([x, y, z] * 2)]
+    # Room for two of three prompts cycling: LRU always drops the one needed next.
+    assert pooled_lru_hit_rate(cycle, 200) == 0.0
+    # Belady drops z (used furthest ahead) and reuses x and y.
+    assert pooled_oracle_hit_rate(cycle, 200) == pytest.approx(200 / 600)
+    assert pooled_oracle_hit_rate(cycle, 10_000) == pytest.approx(ideal_hit_rate(cycle))
+
+
+def test_the_oracle_drops_the_deeper_of_two_pieces_next_used_together():
+    reqs = _three_prompts()
+    # After b (160 tokens > 120): a's piece 3 is never used again, then p and q are both next
+    # used by c; dropping p would leave q unreachable, so q goes and c reuses p.
+    assert pooled_oracle_hit_rate(reqs, 120) == pytest.approx((100 + 100) / (110 + 150 + 190))
+    assert pooled_oracle_hit_rate(reqs, 150) == pytest.approx(ideal_hit_rate(reqs))
+    assert pooled_oracle_hit_rate(reqs, 90) == 0.0
+
+
+def test_the_oracle_counts_cached_outputs_like_lru():
+    p, out = Piece(1, 100), Piece(9, 20)
+    turn1 = SimRequest("t1", 0.0, (p,), 20, 20, output_piece=out)
+    turn2 = SimRequest("t2", 1.0, (p, out, Piece(5, 30)), 1, 1)
+    assert pooled_oracle_hit_rate([turn1, turn2], 1000) == pytest.approx(120 / 250)
+    assert pooled_oracle_hit_rate([turn1, turn2], 110) == pytest.approx(100 / 250)
 
 
 def test_pooled_lru_hit_rate_counts_cached_outputs_of_earlier_turns():
