@@ -88,6 +88,12 @@ _SCHEDULER_FLAGS = (
         "hit ratio of a decode-heavy rank",
         float,
     ),
+    _Flag(
+        "--new-prefix-slack",
+        "new_prefix_slack",
+        "cost slack within which a new prefix goes to the smallest cache (0: off)",
+        float,
+    ),
     _Flag("--tree-capacity-tokens", "tree_capacity_tokens", "cap of the global radix tree", int),
     _Flag(
         "--no-online-fit",

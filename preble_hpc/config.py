@@ -121,6 +121,10 @@ class SchedulerConfig:
     decode_heavy_hit_ratio: float = 0.7
     """A rank whose windowed hit ratio is at least this is decode-heavy and takes prefill-heavy
     new prompts when exploring, if it costs no more than the cheapest rank."""
+    new_prefix_slack: float = 0.2
+    """E2 places a prompt that no rank holds (beyond what every rank holds) on the rank holding
+    the fewest tokens among those within this fraction of the cheapest cost: that choice decides
+    where the prefix's future hits go, which the one request's cost cannot see. 0: off."""
     tree_capacity_tokens: int = 4_000_000
     """Cap of the global radix tree in tokens; least-recently-used nodes no rank holds go first."""
     online_fit: bool = True
@@ -166,6 +170,10 @@ class SchedulerConfig:
             0 <= self.decode_heavy_hit_ratio <= 1,
             f"SchedulerConfig.decode_heavy_hit_ratio must be in [0, 1], "
             f"got {self.decode_heavy_hit_ratio}",
+        )
+        _require(
+            self.new_prefix_slack >= 0,
+            f"SchedulerConfig.new_prefix_slack must be >= 0, got {self.new_prefix_slack}",
         )
 
 

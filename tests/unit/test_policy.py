@@ -203,6 +203,40 @@ def test_e2_counts_the_decode_cost_of_the_rank():
     assert e2(inp, CFG).rank == 2  # P = 1.0 s everywhere: 3.0, 1.5, 2.0
 
 
+def test_e2_puts_a_new_prefix_on_the_smallest_cache_within_the_slack():
+    # Costs 1.0, 1.1, 1.5 s; bound 1.2 s: rank 2 holds less than the cheapest rank 1, and rank
+    # 3 (holding nothing) costs too much.
+    over = dict(load={1: 0.0, 2: 0.1, 3: 0.5}, tree_tokens={1: 500, 2: 100, 3: 0})
+    d = e2(make_input(**over), CFG)
+    assert (d.rank, d.kind) == (2, DecisionKind.EXPLORE)
+    assert d.reason.startswith("new prefix: rank 2 holds 100 tokens (cheapest rank 1: 500)")
+    assert e2(make_input(**over), SchedulerConfig(new_prefix_slack=0.0)).rank == 1
+    assert e2(make_input(**over), SchedulerConfig(new_prefix_slack=0.6)).rank == 3
+
+
+def test_e2_new_prefix_spread_ties_go_to_the_cheaper_rank():
+    over = dict(load={1: 0.0, 2: 0.15, 3: 0.1}, tree_tokens={1: 500, 2: 100, 3: 100})
+    assert e2(make_input(**over), CFG).rank == 3
+
+
+def test_e2_a_prompt_a_rank_already_holds_part_of_is_not_a_new_prefix():
+    # 300 of 1000 tokens cached on rank 1: an explore, but its prefix has a home already.
+    over = dict(load={1: 0.0, 2: 0.0, 3: 0.0}, tree_tokens={1: 500, 2: 100, 3: 0})
+    assert e2(make_input(cached={1: 300}, **over), CFG).rank == 1
+
+
+def test_e2_a_prefix_every_rank_holds_does_not_count_as_a_home():
+    # A system prompt of 100 tokens on every rank says nothing about where the rest should go.
+    over = dict(load={1: 0.0, 2: 0.1, 3: 0.0}, tree_tokens={1: 500, 2: 100, 3: 900})
+    d = e2(make_input(cached={1: 100, 2: 100, 3: 100}, **over), CFG)
+    assert d.rank == 2 and d.cached_tokens == 100
+
+
+def test_new_prefix_slack_must_not_be_negative():
+    with pytest.raises(ConfigError, match="new_prefix_slack must be >= 0, got -0.1"):
+        SchedulerConfig(new_prefix_slack=-0.1)
+
+
 # ---------------------------------------------------------------------- baselines
 
 

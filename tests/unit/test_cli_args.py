@@ -1,0 +1,27 @@
+"""The job flags shared by serve and batch become validated configs."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from preble_hpc.cli_args import add_job_args, job_config_from_args
+from preble_hpc.config import ConfigError, SchedulerConfig
+
+
+def _job(*argv: str):
+    parser = argparse.ArgumentParser()
+    add_job_args(parser)
+    return job_config_from_args(parser.parse_args(["--model", "m", *argv]))
+
+
+def test_scheduler_flags_reach_the_scheduler_config_and_the_rest_keep_defaults():
+    job = _job("--new-prefix-slack", "0.5", "--rebalance-ratio", "2")
+    assert (job.scheduler.new_prefix_slack, job.scheduler.rebalance_ratio) == (0.5, 2.0)
+    assert job.scheduler.window_s == SchedulerConfig().window_s
+
+
+def test_a_bad_scheduler_flag_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match="new_prefix_slack must be >= 0, got -1.0"):
+        _job("--new-prefix-slack", "-1")
