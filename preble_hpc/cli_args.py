@@ -94,6 +94,12 @@ _SCHEDULER_FLAGS = (
         "cost slack within which a new prefix goes to the smallest cache (0: off)",
         float,
     ),
+    _Flag(
+        "--new-prefix-min-hit-ratio",
+        "new_prefix_min_hit_ratio",
+        "mean hit ratio of the ranks from which new prefixes are spread",
+        float,
+    ),
     _Flag("--tree-capacity-tokens", "tree_capacity_tokens", "cap of the global radix tree", int),
     _Flag(
         "--no-online-fit",

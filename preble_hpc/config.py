@@ -125,6 +125,11 @@ class SchedulerConfig:
     """E2 places a prompt that no rank holds (beyond what every rank holds) on the rank holding
     the fewest tokens among those within this fraction of the cheapest cost: that choice decides
     where the prefix's future hits go, which the one request's cost cannot see. 0: off."""
+    new_prefix_min_hit_ratio: float = 0.5
+    """...only while the ranks' mean windowed hit ratio is at least this: below it most prompt
+    tokens are never reused (the Mooncake trace: 0.3, most prompts short and unique), and moving
+    a prompt off the cheapest rank buys nothing later. It also keeps the cold start, before any
+    hit, to the plain cost."""
     tree_capacity_tokens: int = 4_000_000
     """Cap of the global radix tree in tokens; least-recently-used nodes no rank holds go first."""
     online_fit: bool = True
@@ -174,6 +179,11 @@ class SchedulerConfig:
         _require(
             self.new_prefix_slack >= 0,
             f"SchedulerConfig.new_prefix_slack must be >= 0, got {self.new_prefix_slack}",
+        )
+        _require(
+            0 <= self.new_prefix_min_hit_ratio <= 1,
+            f"SchedulerConfig.new_prefix_min_hit_ratio must be in [0, 1], "
+            f"got {self.new_prefix_min_hit_ratio}",
         )
 
 

@@ -241,7 +241,10 @@ def e2(inp: PolicyInput, config: SchedulerConfig) -> Decision:
     - EXPLOIT when ``cached > missing``: the holder of the longest prefix with the lowest cost.
       (The rebalancer moves it to a non-holder only when that is cheaper by the same measure,
       i.e. when the holder's backlog exceeds the prefill of the missing tokens elsewhere.)
-    - EXPLORE otherwise: the rank with the lowest cost over all ranks.
+    - EXPLORE otherwise: the rank with the lowest cost over all ranks; for a prompt new to
+      every rank where prompts are mostly hits, the one holding the fewest tokens within
+      ``config.new_prefix_slack`` of that cost (``_spread_new_prefix``): where a prefix starts is
+      where its hits will go.
     - Prefill/decode balance (paper Sec. 4.2): the cost already prices it (a decode-heavy rank has
       no prefill backlog; a prefill beside many decodes stalls them), so a decode-heavy rank
       (windowed hit ratio >= ``config.decode_heavy_hit_ratio``) takes the prefill-heavy prompt
@@ -267,7 +270,7 @@ def e2(inp: PolicyInput, config: SchedulerConfig) -> Decision:
         )
     rank, cost = cheapest(inp, inp.ranks)
     assert rank is not None
-    if config.new_prefix_slack > 0 and set(inp.holders()) in (set(), set(inp.ranks)):
+    if _spreads_new_prefix(inp, config):
         spread = _spread_new_prefix(inp, rank, cost * (1 + config.new_prefix_slack))
         if spread is not None:
             return spread
@@ -290,6 +293,16 @@ def e2(inp: PolicyInput, config: SchedulerConfig) -> Decision:
         f"cached {cached} <= missing {missing}: min L+M+P={cost:.4f}s over {len(inp.ranks)} ranks",
         inp.per_rank_cached.get(rank, 0),
     )
+
+
+def _spreads_new_prefix(inp: PolicyInput, config: SchedulerConfig) -> bool:
+    """Whether the request starts a prefix (no rank holds any of it beyond what every rank holds)
+    on a cluster where prompts are mostly reused (``config.new_prefix_min_hit_ratio``)."""
+    if config.new_prefix_slack <= 0 or set(inp.holders()) not in (set(), set(inp.ranks)):
+        return False
+    hit = inp.hit_ratio
+    mean_hit = sum(hit.get(r, 0.0) for r in inp.ranks) / len(inp.ranks)
+    return mean_hit >= config.new_prefix_min_hit_ratio
 
 
 def _spread_new_prefix(inp: PolicyInput, cheapest_rank: int, bound: float) -> Decision | None:

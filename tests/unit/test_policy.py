@@ -203,38 +203,55 @@ def test_e2_counts_the_decode_cost_of_the_rank():
     assert e2(inp, CFG).rank == 2  # P = 1.0 s everywhere: 3.0, 1.5, 2.0
 
 
+#: Ranks whose windowed hit ratio says prompts are mostly reused (below decode-heavy's 0.7).
+REUSING = {1: 0.6, 2: 0.6, 3: 0.6}
+
+
 def test_e2_puts_a_new_prefix_on_the_smallest_cache_within_the_slack():
     # Costs 1.0, 1.1, 1.5 s; bound 1.2 s: rank 2 holds less than the cheapest rank 1, and rank
     # 3 (holding nothing) costs too much.
     over = dict(load={1: 0.0, 2: 0.1, 3: 0.5}, tree_tokens={1: 500, 2: 100, 3: 0})
-    d = e2(make_input(**over), CFG)
+    d = e2(make_input(hit_ratio=REUSING, **over), CFG)
     assert (d.rank, d.kind) == (2, DecisionKind.EXPLORE)
     assert d.reason.startswith("new prefix: rank 2 holds 100 tokens (cheapest rank 1: 500)")
-    assert e2(make_input(**over), SchedulerConfig(new_prefix_slack=0.0)).rank == 1
-    assert e2(make_input(**over), SchedulerConfig(new_prefix_slack=0.6)).rank == 3
+    off = SchedulerConfig(new_prefix_slack=0.0)
+    assert e2(make_input(hit_ratio=REUSING, **over), off).rank == 1
+    wide = SchedulerConfig(new_prefix_slack=0.6)
+    assert e2(make_input(hit_ratio=REUSING, **over), wide).rank == 3
+
+
+def test_e2_places_a_new_prefix_by_cost_alone_where_prompts_are_mostly_misses():
+    # The same ranks with a mean hit ratio of 0.4 (or a cold start, 0): the cheapest rank.
+    over = dict(load={1: 0.0, 2: 0.1, 3: 0.5}, tree_tokens={1: 500, 2: 100, 3: 0})
+    assert e2(make_input(hit_ratio={1: 0.6, 2: 0.6, 3: 0.0}, **over), CFG).rank == 1
+    assert e2(make_input(**over), CFG).rank == 1
+    low = SchedulerConfig(new_prefix_min_hit_ratio=0.3)
+    assert e2(make_input(hit_ratio={1: 0.6, 2: 0.6, 3: 0.0}, **over), low).rank == 2
 
 
 def test_e2_new_prefix_spread_ties_go_to_the_cheaper_rank():
     over = dict(load={1: 0.0, 2: 0.15, 3: 0.1}, tree_tokens={1: 500, 2: 100, 3: 100})
-    assert e2(make_input(**over), CFG).rank == 3
+    assert e2(make_input(hit_ratio=REUSING, **over), CFG).rank == 3
 
 
 def test_e2_a_prompt_a_rank_already_holds_part_of_is_not_a_new_prefix():
     # 300 of 1000 tokens cached on rank 1: an explore, but its prefix has a home already.
     over = dict(load={1: 0.0, 2: 0.0, 3: 0.0}, tree_tokens={1: 500, 2: 100, 3: 0})
-    assert e2(make_input(cached={1: 300}, **over), CFG).rank == 1
+    assert e2(make_input(cached={1: 300}, hit_ratio=REUSING, **over), CFG).rank == 1
 
 
 def test_e2_a_prefix_every_rank_holds_does_not_count_as_a_home():
     # A system prompt of 100 tokens on every rank says nothing about where the rest should go.
     over = dict(load={1: 0.0, 2: 0.1, 3: 0.0}, tree_tokens={1: 500, 2: 100, 3: 900})
-    d = e2(make_input(cached={1: 100, 2: 100, 3: 100}, **over), CFG)
+    d = e2(make_input(cached={1: 100, 2: 100, 3: 100}, hit_ratio=REUSING, **over), CFG)
     assert d.rank == 2 and d.cached_tokens == 100
 
 
-def test_new_prefix_slack_must_not_be_negative():
+def test_new_prefix_knobs_are_validated():
     with pytest.raises(ConfigError, match="new_prefix_slack must be >= 0, got -0.1"):
         SchedulerConfig(new_prefix_slack=-0.1)
+    with pytest.raises(ConfigError, match=r"new_prefix_min_hit_ratio must be in \[0, 1\], got 1.5"):
+        SchedulerConfig(new_prefix_min_hit_ratio=1.5)
 
 
 # ---------------------------------------------------------------------- baselines
