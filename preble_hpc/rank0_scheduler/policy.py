@@ -298,7 +298,8 @@ def e2(inp: PolicyInput, config: SchedulerConfig) -> Decision:
 def _spreads_new_prefix(inp: PolicyInput, config: SchedulerConfig) -> bool:
     """Whether the request starts a prefix (no rank holds any of it beyond what every rank holds)
     on a cluster where prompts are mostly reused (``config.new_prefix_min_hit_ratio``)."""
-    if config.new_prefix_slack <= 0 or set(inp.holders()) not in (set(), set(inp.ranks)):
+    holders = inp.holders()  # the tree holds prompts for live ranks only
+    if config.new_prefix_slack <= 0 or 0 < len(holders) < len(inp.ranks):
         return False
     hit = inp.hit_ratio
     mean_hit = sum(hit.get(r, 0.0) for r in inp.ranks) / len(inp.ranks)
