@@ -316,17 +316,19 @@ def _spread_new_prefix(inp: PolicyInput, cheapest_rank: int, bound: float) -> De
     the whole run (its prefixes were the longest) and a p99 5% above SGLang's (see the README)."""
     tree = inp.tree_tokens
     least = tree.get(cheapest_rank, 0)
+    # Smallest caches first: the first one within the bound wins (ties: cost), so usually only a
+    # rank or two is priced.
+    smaller = sorted((held, r) for r in inp.ranks if (held := tree.get(r, 0)) < least)
+    evict_above = inp.eviction_cost_above
     best: tuple[int, float, int] | None = None
-    for r in inp.ranks:
-        held = tree.get(r, 0)
-        if held >= least or (best is not None and held > best[0]):
-            continue
+    for held, r in smaller:
+        if best is not None and held > best[0]:
+            break
         c = _cost_but_eviction(inp, r)
         if c > bound:
             continue
-        evict_above = inp.eviction_cost_above
         c += inp.eviction_cost(r) if evict_above is None else evict_above(r, bound - c)
-        if c <= bound and (best is None or (held, c, r) < best):
+        if c <= bound and (best is None or c < best[1]):
             best = (held, c, r)
     if best is None:
         return None
