@@ -182,18 +182,11 @@ def test_the_oracle_drops_the_deeper_of_two_pieces_next_used_together():
     assert pooled_oracle_hit_rate(reqs, 90) == 0.0
 
 
-def test_the_oracle_counts_cached_outputs_like_lru():
+@pytest.mark.parametrize("hit_rate", [pooled_lru_hit_rate, pooled_oracle_hit_rate])
+def test_pooled_hit_rates_count_cached_outputs_of_earlier_turns(hit_rate):
     p, out = Piece(1, 100), Piece(9, 20)
     turn1 = SimRequest("t1", 0.0, (p,), 20, 20, output_piece=out)
     turn2 = SimRequest("t2", 1.0, (p, out, Piece(5, 30)), 1, 1)
-    assert pooled_oracle_hit_rate([turn1, turn2], 1000) == pytest.approx(120 / 250)
-    assert pooled_oracle_hit_rate([turn1, turn2], 110) == pytest.approx(100 / 250)
-
-
-def test_pooled_lru_hit_rate_counts_cached_outputs_of_earlier_turns():
-    p, out = Piece(1, 100), Piece(9, 20)
-    turn1 = SimRequest("t1", 0.0, (p,), 20, 20, output_piece=out)
-    turn2 = SimRequest("t2", 1.0, (p, out, Piece(5, 30)), 1, 1)
-    assert pooled_lru_hit_rate([turn1, turn2], 1000) == pytest.approx(120 / 250)
+    assert hit_rate([turn1, turn2], 1000) == pytest.approx(120 / 250)
     # Room for the prompt but not its output: the second turn reuses the prompt only.
-    assert pooled_lru_hit_rate([turn1, turn2], 110) == pytest.approx(100 / 250)
+    assert hit_rate([turn1, turn2], 110) == pytest.approx(100 / 250)
