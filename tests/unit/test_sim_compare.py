@@ -89,6 +89,11 @@ def test_a_policy_that_finished_nothing_has_no_seed_mean():
     rows = [_seed_row("e2", 0, 2.0, 10.0), _seed_row("llmd_scorer", 0, None, None, finished=0)]
     s = compare.summarize_seeds(rows)["w"]
     assert s["policies"]["llmd_scorer"]["mean_s"] is None and s["rivals"] == []
+    # A seed where E2 and a rival both finished nothing counts as a tie, not a crash.
+    rows = [_seed_row("e2", 0, None, None, finished=0), _seed_row("llmd_scorer", 0, 1.0, 5.0)]
+    rows += [_seed_row("e2", 1, None, None, finished=0), _seed_row("llmd_scorer", 1, None, None, 0)]
+    s = compare.summarize_seeds(rows)["w"]
+    assert s["best_baseline_p99"] == "llmd_scorer" and s["e2_p99_no_worse_seeds"] == 1
 
 
 def test_eval_seeds_runs_every_policy_on_each_seed_and_keeps_the_first_as_rows():
