@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,7 +45,9 @@ ENGINE_FLAGS = "--enforce-eager --dtype float32 --kv-cache-gib 1 --seed 0 --max-
 # decoding; the signal goes out as soon as an engine's log shows the request running. Not on the
 # client's first token: a CI run's client read it ~50 s after the engine began (rank 0 had sent
 # it), so late that the signal came after the request ended; nor on GetStats, which once took
-# over 30 s to answer while the engine decoded.
+# over 30 s to answer while the engine decoded. And the workers run at nice 19 (_niced_workers):
+# even with one engine busy, a CI run's test, client and scancel chain stalled until the request
+# ended (the signal found 0 open).
 DRAIN_MAX_MODEL_LEN = 30720
 DRAIN_TOKENS = 30000
 DRAIN_REQUESTS = 1
@@ -186,6 +189,23 @@ def _wait_engine_running(logs: Path, since: dict[Path, int], timeout_s: float) -
     raise TimeoutError(f"no engine logged a running request within {timeout_s} s")
 
 
+def _niced_workers(directory: Path, real_bin: str) -> Path:
+    """A PREBLE_BIN that runs the worker ranks (their vLLM engines) at nice 19, rank 0 as is.
+
+    On this 2-core VM a decoding engine's two busy processes delay every other process's
+    wakeups: a sleep(0.05) loop beside this test woke up to 37 s late, and in CI the polling
+    test, the drain client and the scancel chain all stalled until the request ended. At nice 19
+    the engine still decodes, but rank 0, Slurm and the test's processes run first."""
+    wrapper = directory / "niced-workers.sh"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$SLURM_PROCID" != 0 ]; then exec nice -n 19 {shlex.quote(real_bin)} "$@"; fi\n'
+        f'exec {shlex.quote(real_bin)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
 def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_path):
     submit_dir = tmp_path / "submit"
     submit_dir.mkdir()
@@ -196,6 +216,7 @@ def test_serve_job_answers_grpc_then_drains_on_sigterm(slurm, tiny_model, tmp_pa
         "--max-model-len 4096", f"--max-model-len {DRAIN_MAX_MODEL_LEN}"
     )
     env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+    env["PREBLE_BIN"] = str(_niced_workers(submit_dir, env["PREBLE_BIN"]))
     job = slurm.sbatch(SBATCH, SBATCH_ARGS, cwd=submit_dir, env=env)
     addr_file = submit_dir / f"preble-{job}.addr"
     logs = submit_dir / f"preble-{job}.logs"
