@@ -1,6 +1,7 @@
 """bench/compare_policies.py's summary: the best baseline is chosen among those that finished."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,36 @@ def test_seed_means_pick_the_best_rival_and_count_the_seeds_e2_wins():
     assert (s["best_baseline_p99"], s["best_over_e2_p99"]) == ("sglang_cache_aware", 1.045)
     assert s["e2_p99_no_worse_seeds"] == 1  # 10 > 9 on seed 0, 12 <= 14 on seed 1
     assert s["target_no_worse_mean"] and s["target_no_worse_p99"]
+
+
+@pytest.mark.parametrize(
+    ("e2_p99s", "gap", "se", "no_worse"),
+    [
+        ([11.0, 13.0, 9.0, 13.0], 0.5, 0.5, True),  # higher on average, within the noise
+        ([10.5, 12.5, 10.5, 12.5], 0.5, 0.0, False),  # higher on every seed: a loss
+        ([10.0, 12.0, 10.0, 12.0], 0.0, 0.0, True),
+    ],
+)
+def test_e2_loses_on_seeds_only_by_a_paired_gap_beyond_two_standard_errors(
+    e2_p99s, gap, se, no_worse
+):
+    rival_p99s = [10.0, 12.0, 10.0, 12.0]
+    rows = [_seed_row("e2", x, 1.0, v) for x, v in enumerate(e2_p99s)]
+    rows += [_seed_row("llmd_scorer", x, 2.0, v) for x, v in enumerate(rival_p99s)]
+    s = compare.summarize_seeds(rows)["w"]
+    assert (s["e2_minus_best_p99_s"], s["e2_minus_best_p99_se"]) == (gap, se)
+    assert s["target_no_worse_p99"] is no_worse
+    assert (s["e2_minus_best_mean_s"], s["target_no_worse_mean"]) == (-1.0, True)
+
+
+def test_on_one_seed_any_gap_is_a_loss_and_an_unfinished_seed_an_infinite_one():
+    one = [_seed_row("e2", 0, 1.0, 10.01), _seed_row("llmd_scorer", 0, 2.0, 10.0)]
+    s = compare.summarize_seeds(one)["w"]
+    assert s["e2_minus_best_p99_se"] is None and not s["target_no_worse_p99"]
+    rows = [_seed_row("e2", 0, None, None, finished=0), _seed_row("llmd_scorer", 0, 1.0, 5.0)]
+    rows += [_seed_row("e2", 1, 1.0, 5.0), _seed_row("llmd_scorer", 1, 1.0, 5.0)]
+    s = compare.summarize_seeds(rows)["w"]
+    assert s["e2_minus_best_mean_s"] == math.inf and not s["target_no_worse_mean"]
 
 
 def test_a_policy_that_finished_nothing_has_no_seed_mean():
