@@ -447,16 +447,18 @@ def print_seeds_summary(summary: dict) -> None:
             f" {_fmt(s['best_over_e2_mean']):>7} {bp or 'none':>19}"
             f" {_fmt(bp and pols[bp]['p99_s'], 1):>6} {_fmt(pols['e2']['p99_s'], 1):>6}"
             f" {_fmt(s['best_over_e2_p99']):>7} {wins:>8}"
-            f" {_gap(s['e2_minus_best_p99_s'], s['e2_minus_best_p99_se']):>16}"
+            f" {_gap(s, 'p99'):>16}"
         )
 
 
-def _gap(diff: float | None, se: float | None) -> str:
-    """``+0.12 (0.05)``, with ``!`` where E2 counts as worse (``WORSE_SE``)."""
+def _gap(summary: dict, what: str) -> str:
+    """E2 minus the best rival by ``what`` (mean or p99) and its standard error, ``+0.12
+    (0.05)``, with ``!`` where E2 counts as worse."""
+    diff = summary[f"e2_minus_best_{what}_s"]
     if diff is None:
         return "-"
-    worse = "!" if diff > WORSE_SE * (se or 0.0) else ""
-    return f"{diff:+.2f} ({_fmt(se)}){worse}"
+    worse = "" if summary[f"target_no_worse_{what}"] else "!"
+    return f"{diff:+.2f} ({_fmt(summary[f'e2_minus_best_{what}_se'])}){worse}"
 
 
 def _ratio(a, b):

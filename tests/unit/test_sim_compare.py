@@ -87,15 +87,15 @@ def test_seed_means_pick_the_best_rival_and_count_the_seeds_e2_wins():
 
 
 @pytest.mark.parametrize(
-    ("e2_p99s", "gap", "se", "no_worse"),
+    ("e2_p99s", "gap", "se", "no_worse", "printed"),
     [
-        ([11.0, 13.0, 9.0, 13.0], 0.5, 0.5, True),  # higher on average, within the noise
-        ([10.5, 12.5, 10.5, 12.5], 0.5, 0.0, False),  # higher on every seed: a loss
-        ([10.0, 12.0, 10.0, 12.0], 0.0, 0.0, True),
+        ([11.0, 13.0, 9.0, 13.0], 0.5, 0.5, True, "+0.50 (0.50)"),  # within the noise
+        ([10.5, 12.5, 10.5, 12.5], 0.5, 0.0, False, "+0.50 (0.00)!"),  # higher on every seed
+        ([10.0, 12.0, 10.0, 12.0], 0.0, 0.0, True, "+0.00 (0.00)"),
     ],
 )
 def test_e2_loses_on_seeds_only_by_a_paired_gap_beyond_two_standard_errors(
-    e2_p99s, gap, se, no_worse
+    e2_p99s, gap, se, no_worse, printed, capsys
 ):
     rival_p99s = [10.0, 12.0, 10.0, 12.0]
     rows = [_seed_row("e2", x, 1.0, v) for x, v in enumerate(e2_p99s)]
@@ -104,6 +104,8 @@ def test_e2_loses_on_seeds_only_by_a_paired_gap_beyond_two_standard_errors(
     assert (s["e2_minus_best_p99_s"], s["e2_minus_best_p99_se"]) == (gap, se)
     assert s["target_no_worse_p99"] is no_worse
     assert (s["e2_minus_best_mean_s"], s["target_no_worse_mean"]) == (-1.0, True)
+    compare.print_seeds_summary({"w": s})
+    assert capsys.readouterr().out.rstrip().endswith(" " + printed)
 
 
 def test_on_one_seed_any_gap_is_a_loss_and_an_unfinished_seed_an_infinite_one():
