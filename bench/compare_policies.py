@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="run every policy on this many seeds (--seed and the next) at the chosen rate and "
-        "summarize their seed-means too (default 1: --seed only)",
+        "summarize their seed-means and E2's paired gap to the best baseline too (default 1: "
+        "--seed only)",
     )
     p.add_argument(
         "--rates-from",
