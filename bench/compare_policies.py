@@ -365,6 +365,10 @@ def _seeds_summary(rows: list[dict]) -> dict:
     best_mean = min(rivals, key=lambda p: means[p]["mean_latency_s"], default=None)
     best_p99 = min(rivals, key=lambda p: means[p]["p99_latency_s"], default=None)
     e2 = means["e2"]
+    gaps = {
+        "mean": _gaps(by, seeds, best_mean, "mean_latency_s"),
+        "p99": _gaps(by, seeds, best_p99, "p99_latency_s"),
+    }
     out = {
         "seeds": seeds,
         "policies": {
@@ -383,14 +387,10 @@ def _seeds_summary(rows: list[dict]) -> dict:
         "best_baseline_p99": best_p99,
         "best_over_e2_p99": best_p99
         and _ratio(means[best_p99]["p99_latency_s"], e2["p99_latency_s"]),
-        "e2_p99_no_worse_seeds": best_p99
-        and sum(
-            _latency(by["e2", x], "p99_latency_s") <= _latency(by[best_p99, x], "p99_latency_s")
-            for x in seeds
-        ),
+        "e2_p99_no_worse_seeds": best_p99 and sum(g <= 0 for g in gaps["p99"]),
     }
-    for what, rival in (("mean", best_mean), ("p99", best_p99)):
-        diff, se = _paired_gap(by, seeds, rival, f"{what}_latency_s")
+    for what, seed_gaps in gaps.items():
+        diff, se = _mean_and_se(seed_gaps)
         out[f"e2_minus_best_{what}_s"], out[f"e2_minus_best_{what}_se"] = diff, se
         out[f"target_no_worse_{what}"] = diff is None or diff <= WORSE_SE * (se or 0.0)
     return out
@@ -402,18 +402,23 @@ _LATENCIES = ("mean_latency_s", "p99_latency_s")
 WORSE_SE = 2.0
 
 
-def _paired_gap(
-    by: dict, seeds: list[int], rival: str | None, key: str
-) -> tuple[float | None, float | None]:
-    """Seed-mean of E2's latency minus ``rival``'s and its standard error (``None`` with one
-    seed); ``(None, None)`` without a rival. Where both finished nothing the gap is 0; where
-    only E2 did (a rival finished at least as many), infinite."""
+def _gaps(by: dict, seeds: list[int], rival: str | None, key: str) -> list[float]:
+    """Per seed, E2's latency minus ``rival``'s (none without a rival). Where both finished
+    nothing the gap is 0; where only E2 did (a rival finished at least as many), infinite."""
     if rival is None:
-        return None, None
+        return []
     gaps = []
     for x in seeds:
         a, b = _latency(by["e2", x], key), _latency(by[rival, x], key)
         gaps.append(0.0 if a == b else a - b)
+    return gaps
+
+
+def _mean_and_se(gaps: list[float]) -> tuple[float | None, float | None]:
+    """The gaps' mean and its standard error (``None`` with one gap); ``(None, None)`` with
+    none."""
+    if not gaps:
+        return None, None
     arr = np.array(gaps)
     if not np.isfinite(arr).all():
         return math.inf, None
