@@ -1,9 +1,9 @@
 """Compare the seven placement policies on the same requests in the cluster simulator.
 
-For each workload: sweep E2 over rates (multiples of Preble's rate scaled to --gpus) and keep the
-highest rate at which E2 still finishes every request (within a drain window of --drain-frac of
-the arrival span after the last arrival) on each of --sweep-seeds seeds, then run all policies on
-exactly the requests of --seed at that rate.
+For each workload: sweep E2 over rates (multiples of Preble's rate scaled to --gpus, and below it
+where E2 does not hold that rate) and keep the highest rate at which E2 still finishes every
+request (within a drain window of --drain-frac of the arrival span after the last arrival) on each
+of --sweep-seeds seeds, then run all policies on exactly the requests of --seed at that rate.
 
     python bench/compare_policies.py            # 8 GPUs, all workloads
     python bench/compare_policies.py --workloads toolbench,loogle --duration 60
@@ -26,6 +26,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,6 +50,8 @@ from preble_hpc.sim.workloads import (  # noqa: E402
 
 WORKLOADS = "toolbench,alfworld,apps,videoqa,loogle,mix,toolbench_zipf,videoqa_zipf"
 MULTIPLIERS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+#: tried in turn, downward, only where E2 does not hold Preble's own rate
+BELOW = (0.9, 0.8, 0.7, 0.6, 0.5)
 TRACE = ROOT.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
 BASELINES = [p for p in POLICY_NAMES if p not in ("e2", "round_robin")]
 
@@ -93,31 +96,13 @@ def compare_one(
         span = reqs[-1].arrival - reqs[0].arrival
         return reqs, SimConfig(gpus=gpus, seed=s, drain_s=max(1.0, drain_frac * span))
 
-    best = None
-    for m in MULTIPLIERS if fixed_rate is None else ():
-        rate = round(base * m, 3)
-        all_finished = True
-        for s in range(seed, seed + sweep_seeds):
-            reqs, sim = setup(rate, s)
-            if s == seed:
-                at_rate = (rate, reqs, sim)  # what every policy runs on, if the rate holds
-            res = simulate(reqs, "e2", sim, SchedulerConfig())
-            sweep.append({**res.row(name, rate), "seed": s})
-            lines.append(
-                f"  sweep {name} x{m:g} rate {rate:g} seed {s}: e2 finished "
-                f"{res.finished}/{res.requests} mean {res.mean_latency_s:.2f}s ({res.wall_s:.1f}s)"
-            )
-            if res.finished < res.requests:
-                all_finished = False
-                break
-        if not all_finished:
-            break
-        best = at_rate
     if fixed_rate is not None:
         best = (fixed_rate, *setup(fixed_rate))
-    elif best is None:
-        lines.append(f"  {name}: E2 does not finish every request even at Preble's rate")
-        rate = round(base, 3)
+    else:
+        best = _sweep(name, base, seed, sweep_seeds, setup, sweep, lines)
+    if best is None:
+        rate = round(base * BELOW[-1], 3)
+        lines.append(f"  {name}: E2 does not finish every request even at {rate:g}/s")
         best = (rate, *setup(rate))
     rate, reqs, sim = best
     rows = _run_policies(name, rate, reqs, sim, gpus, lines)
@@ -133,6 +118,48 @@ def compare_one(
         "sweep": sweep,
         "lines": lines,
     }
+
+
+def _sweep(
+    name: str,
+    base: float,
+    seed: int,
+    sweep_seeds: int,
+    setup: Callable[..., tuple[list, SimConfig]],
+    sweep: list[dict],
+    lines: list[str],
+) -> tuple | None:
+    """The highest rate (a multiple of ``base``) where E2 finishes every request on each sweep
+    seed, with seed ``seed``'s requests and config, or None: up through MULTIPLIERS while the
+    rate holds, and when Preble's own rate does not, down through BELOW until one does."""
+
+    def holds(m: float) -> bool:
+        rate = round(base * m, 3)
+        for s in range(seed, seed + sweep_seeds):
+            reqs, sim = setup(rate, s)
+            res = simulate(reqs, "e2", sim, SchedulerConfig())
+            sweep.append({**res.row(name, rate), "seed": s})
+            lines.append(
+                f"  sweep {name} x{m:g} rate {rate:g} seed {s}: e2 finished "
+                f"{res.finished}/{res.requests} mean {res.mean_latency_s:.2f}s ({res.wall_s:.1f}s)"
+            )
+            if res.finished < res.requests:
+                return False
+        return True
+
+    held = None
+    for m in MULTIPLIERS:
+        if not holds(m):
+            break
+        held = m
+    for m in BELOW if held is None else ():
+        if holds(m):
+            held = m
+            break
+    if held is None:
+        return None
+    rate = round(base * held, 3)
+    return (rate, *setup(rate))
 
 
 def _run_policies(
@@ -176,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sweep-seeds",
         type=int,
-        default=3,
         help="E2 must finish every request on this many seeds (--seed and the next) for a rate "
-        "to be chosen (default 3)",
+        "to be chosen (default: --eval-seeds, and at least 3, so that every seed the comparison "
+        "reports is below saturation)",
     )
     p.add_argument(
         "--eval-seeds",
@@ -203,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     names = [w for w in args.workloads.split(",") if w]
+    if args.sweep_seeds is None:
+        args.sweep_seeds = max(3, args.eval_seeds)
     if args.sweep_seeds < 1:
         p.error("--sweep-seeds must be >= 1")
     if args.eval_seeds < 1:
@@ -274,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval_seeds": args.eval_seeds,
             "rates_from": args.rates_from,
             "multipliers_of_prebles_rate": MULTIPLIERS,
+            "multipliers_below": BELOW,
             "engine": SimConfig().__dict__,
             "wall_s": round(time.perf_counter() - t0, 1),
         },

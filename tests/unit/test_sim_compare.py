@@ -1,6 +1,7 @@
 """bench/compare_policies.py's summary: the best baseline is chosen among those that finished."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -147,3 +148,40 @@ def test_eval_seeds_below_one_is_a_usage_error(capsys):
         compare.main(["--eval-seeds", "0", "--workloads", "loogle"])
     assert exc.value.code == 2
     assert "--eval-seeds must be >= 1" in capsys.readouterr().err
+
+
+def test_the_sweep_holds_the_chosen_rate_on_every_seed_the_comparison_reports(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(compare, "MULTIPLIERS", (1.0, 1.5))
+    out = tmp_path / "c.json"
+    args = ["--gpus", "2", "--duration", "10", "--workloads", "toolbench", "--eval-seeds", "4"]
+    assert compare.main([*args, "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["sweep_seeds"] == 4
+    rate = doc["selected_rates"]["toolbench"]
+    at_rate = [r for r in doc["sweep"] if r["rate"] == rate]
+    assert [r["seed"] for r in at_rate] == [0, 1, 2, 3]
+    assert all(r["finished"] == r["requests"] for r in at_rate)
+    assert {r["seed"] for r in doc["seed_rows"]} == {0, 1, 2, 3}
+
+
+def test_where_prebles_rate_does_not_hold_the_sweep_steps_down_below_it(monkeypatch):
+    monkeypatch.setattr(compare, "MULTIPLIERS", (1.0, 1.25))
+    r = compare.compare_one("loogle", 2, 20.0, 0.1, 0, sweep_seeds=2)
+    assert [
+        (row["rate"], row["seed"], row["finished"] == row["requests"]) for row in r["sweep"]
+    ] == [
+        (6.0, 0, False),
+        (5.4, 0, False),
+        (4.8, 0, True),
+        (4.8, 1, True),
+    ]
+    assert r["rate"] == 4.8 and {row["requests"] for row in r["rows"]} == {96}
+
+
+def test_where_no_rate_holds_the_comparison_runs_at_the_lowest_one_tried(monkeypatch):
+    monkeypatch.setattr(compare, "MULTIPLIERS", (1.0,))
+    r = compare.compare_one("videoqa", 2, 10.0, 0.1, 0, sweep_seeds=1)
+    assert [row["rate"] for row in r["sweep"]] == [10.0, 9.0, 8.0, 7.0, 6.0, 5.0]
+    assert r["rate"] == 5.0 and "does not finish every request even at 5/s" in r["lines"][6]
