@@ -96,15 +96,13 @@ def compare_one(
         span = reqs[-1].arrival - reqs[0].arrival
         return reqs, SimConfig(gpus=gpus, seed=s, drain_s=max(1.0, drain_frac * span))
 
-    if fixed_rate is not None:
-        best = (fixed_rate, *setup(fixed_rate))
-    else:
-        best = _sweep(name, base, seed, sweep_seeds, setup, sweep, lines)
-    if best is None:
+    rate = fixed_rate
+    if rate is None:
+        rate = _sweep(name, base, seed, sweep_seeds, setup, sweep, lines)
+    if rate is None:
         rate = round(base * BELOW[-1], 3)
         lines.append(f"  {name}: E2 does not finish every request even at {rate:g}/s")
-        best = (rate, *setup(rate))
-    rate, reqs, sim = best
+    reqs, sim = setup(rate)
     rows = _run_policies(name, rate, reqs, sim, gpus, lines)
     seed_rows = [{**row, "seed": seed} for row in rows]
     for s in range(seed + 1, seed + eval_seeds):
@@ -128,10 +126,10 @@ def _sweep(
     setup: Callable[..., tuple[list, SimConfig]],
     sweep: list[dict],
     lines: list[str],
-) -> tuple | None:
+) -> float | None:
     """The highest rate (a multiple of ``base``) where E2 finishes every request on each sweep
-    seed, with seed ``seed``'s requests and config, or None: up through MULTIPLIERS while the
-    rate holds, and when Preble's own rate does not, down through BELOW until one does."""
+    seed, or None: up through MULTIPLIERS while the rate holds, and when Preble's own rate does
+    not, down through BELOW until one does."""
 
     def holds(m: float) -> bool:
         rate = round(base * m, 3)
@@ -156,10 +154,7 @@ def _sweep(
         if holds(m):
             held = m
             break
-    if held is None:
-        return None
-    rate = round(base * held, 3)
-    return (rate, *setup(rate))
+    return None if held is None else round(base * held, 3)
 
 
 def _run_policies(
