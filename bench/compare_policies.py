@@ -106,7 +106,8 @@ def compare_one(
     rows = _run_policies(name, rate, reqs, sim, gpus, lines)
     seed_rows = [{**row, "seed": seed} for row in rows]
     for s in range(seed + 1, seed + eval_seeds):
-        more = _run_policies(name, rate, *setup(rate, s), gpus, lines)
+        more_reqs, more_sim = setup(rate, s)
+        more = _run_policies(name, rate, more_reqs, more_sim, gpus, lines)
         seed_rows += [{**row, "seed": s} for row in more]
     return {
         "name": name,
@@ -183,7 +184,7 @@ def _compare_one(a: tuple) -> dict:
     return compare_one(*a)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--workloads", default=WORKLOADS + (",mooncake" if TRACE.is_file() else ""))
@@ -217,6 +218,55 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="workloads simulated in parallel")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "compare_policies.json"))
     p.add_argument("--replot", action="store_true", help="only redraw the plot of --out")
+    return p
+
+
+def _fixed_rates(p: argparse.ArgumentParser, args: argparse.Namespace, names: list[str]) -> dict:
+    """Check the seed counts; the rates of ``--rates-from`` (empty without it)."""
+    if args.sweep_seeds is None:
+        args.sweep_seeds = max(3, args.eval_seeds)
+    if args.sweep_seeds < 1:
+        p.error("--sweep-seeds must be >= 1")
+    if args.eval_seeds < 1:
+        p.error("--eval-seeds must be >= 1")
+    if not args.rates_from:
+        return {}
+    try:
+        fixed = json.loads(Path(args.rates_from).read_text())["selected_rates"]
+    except (OSError, ValueError, KeyError) as exc:
+        p.error(f"--rates-from {args.rates_from}: no selected_rates to read ({exc})")
+    if missing := [n for n in names if n not in fixed]:
+        p.error(f"--rates-from {args.rates_from} has no rate for {', '.join(missing)}")
+    return fixed
+
+
+def _run_all(jobs: list[tuple], n_jobs: int, partial: Path) -> list[dict]:
+    """Every workload's comparison (in parallel with ``n_jobs`` > 1), printed and appended to
+    ``partial`` as each ends, so that what is done survives an interrupted run."""
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text("")
+    results: list[dict] = []
+
+    def take(r: dict) -> None:
+        print("\n".join(r["lines"]), flush=True)
+        results.append(r)
+        with partial.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+
+    if n_jobs > 1:
+        from multiprocessing import Pool
+
+        with Pool(min(n_jobs, len(jobs))) as pool:
+            for r in pool.imap_unordered(_compare_one, jobs):
+                take(r)
+    else:
+        for j in jobs:
+            take(_compare_one(j))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.replot:
@@ -225,20 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     names = [w for w in args.workloads.split(",") if w]
-    if args.sweep_seeds is None:
-        args.sweep_seeds = max(3, args.eval_seeds)
-    if args.sweep_seeds < 1:
-        p.error("--sweep-seeds must be >= 1")
-    if args.eval_seeds < 1:
-        p.error("--eval-seeds must be >= 1")
-    fixed: dict[str, float] = {}
-    if args.rates_from:
-        try:
-            fixed = json.loads(Path(args.rates_from).read_text())["selected_rates"]
-        except (OSError, ValueError, KeyError) as exc:
-            p.error(f"--rates-from {args.rates_from}: no selected_rates to read ({exc})")
-        if missing := [n for n in names if n not in fixed]:
-            p.error(f"--rates-from {args.rates_from} has no rate for {', '.join(missing)}")
+    fixed = _fixed_rates(p, args, names)
     jobs = [
         (
             n,
@@ -252,62 +289,26 @@ def main(argv: list[str] | None = None) -> int:
         )
         for n in names
     ]
-    rows: list[dict] = []
-    seed_rows: list[dict] = []
-    sweep: list[dict] = []
-    selected: dict[str, float] = {}
-    partial = out.with_suffix(".partial.jsonl")
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_text("")
-
-    def take(r: dict) -> None:
-        print("\n".join(r["lines"]), flush=True)
-        rows.extend(r["rows"])
-        seed_rows.extend(r["seed_rows"])
-        sweep.extend(r["sweep"])
-        selected[r["name"]] = r["rate"]
-        with partial.open("a") as f:  # what is done survives an interrupted run
-            f.write(json.dumps(r) + "\n")
-
-    if args.jobs > 1:
-        from multiprocessing import Pool
-
-        with Pool(min(args.jobs, len(jobs))) as pool:
-            for r in pool.imap_unordered(_compare_one, jobs):
-                take(r)
-    else:
-        for j in jobs:
-            take(_compare_one(j))
+    results = _run_all(jobs, args.jobs, out.with_suffix(".partial.jsonl"))
     order = {n: i for i, n in enumerate(names)}
-    rows.sort(key=lambda r: order[r["workload"]])
-    seed_rows.sort(key=lambda r: (order[r["workload"]], r["seed"]))
+    rows = sorted((x for r in results for x in r["rows"]), key=lambda x: order[x["workload"]])
+    seed_rows = sorted(
+        (x for r in results for x in r["seed_rows"]),
+        key=lambda x: (order[x["workload"]], x["seed"]),
+    )
     summary = summarize(rows)
     print_summary(summary)
     seeds_summary = summarize_seeds(seed_rows) if seed_rows else None
     if seeds_summary:
         print_seeds_summary(seeds_summary)
-    out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
-        "config": {
-            "gpus": args.gpus,
-            "duration_s": args.duration,
-            "trace_duration_s": args.trace_duration,
-            "drain_frac": args.drain_frac,
-            "seed": args.seed,
-            "sweep_seeds": args.sweep_seeds,
-            "eval_seeds": args.eval_seeds,
-            "rates_from": args.rates_from,
-            "multipliers_of_prebles_rate": MULTIPLIERS,
-            "multipliers_below": BELOW,
-            "engine": SimConfig().__dict__,
-            "wall_s": round(time.perf_counter() - t0, 1),
-        },
-        "selected_rates": selected,
+        "config": _config(args, time.perf_counter() - t0),
+        "selected_rates": {r["name"]: r["rate"] for r in results},
         "summary": summary,
         "seeds_summary": seeds_summary,
         "rows": rows,
         "seed_rows": seed_rows,
-        "sweep": sweep,
+        "sweep": [x for r in results for x in r["sweep"]],
     }
     out.write_text(json.dumps(doc, indent=1) + "\n")
     try:
@@ -316,6 +317,23 @@ def main(argv: list[str] | None = None) -> int:
         print("matplotlib missing: no plot (run again with --replot where it is installed)")
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
     return 0
+
+
+def _config(args: argparse.Namespace, wall_s: float) -> dict:
+    return {
+        "gpus": args.gpus,
+        "duration_s": args.duration,
+        "trace_duration_s": args.trace_duration,
+        "drain_frac": args.drain_frac,
+        "seed": args.seed,
+        "sweep_seeds": args.sweep_seeds,
+        "eval_seeds": args.eval_seeds,
+        "rates_from": args.rates_from,
+        "multipliers_of_prebles_rate": MULTIPLIERS,
+        "multipliers_below": BELOW,
+        "engine": SimConfig().__dict__,
+        "wall_s": round(wall_s, 1),
+    }
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -95,134 +95,165 @@ def simulate(
     """Run ``requests`` (sorted by arrival) through ``policy`` on ``sim.gpus`` engines."""
     sim = sim or SimConfig()
     sched_cfg = replace(sched or SchedulerConfig(), policy=policy)
-    local = local or LocalSchedulerConfig()
     wall0 = time.perf_counter()
-    now = 0.0
-
-    def clock() -> float:
-        return now
-
-    ranks = list(range(sim.gpus))
-    scheduler = GlobalScheduler(sched_cfg, ranks, clock=clock, rng=random.Random(sim.seed))
-    engines = [SimEngine(r, sim, local) for r in ranks]
-    for r in ranks:
-        scheduler.on_worker_ready(
-            WorkerReady(r, sim.kv_capacity_tokens, sim.block_size, sim.max_model_len, "sim")
-        )
     reqs = sorted(requests, key=lambda q: q.arrival)
-    n = len(reqs)
-    if n == 0:
+    if not reqs:
         raise ValueError("no requests to simulate")
-    t_first_arrival = reqs[0].arrival
-    span = reqs[-1].arrival - t_first_arrival
-    drain = sim.drain_s if sim.drain_s is not None else max(30.0, 0.1 * span)
-    horizon = reqs[-1].arrival + drain
+    run = _Run(reqs, sim, sched_cfg, local or LocalSchedulerConfig())
+    run.run()
+    return run.result(policy, ideal, wall0)
 
-    heap: list[tuple[float, int, int, int, int]] = []  # (time, seq, kind, rank, version)
-    version = [0] * sim.gpus
-    seqno = 0
-    latencies: list[float] = []
-    ttfts: list[float] = []
-    prompt_total = 0
-    cached_total = 0
-    last_finish = t_first_arrival
-    in_flight = 0
 
-    def push(t: float, kind: int, rank: int, ver: int) -> None:
-        nonlocal seqno
-        seqno += 1
-        heapq.heappush(heap, (t, seqno, kind, rank, ver))
+class _Run:
+    """One simulation: the scheduler, the engines, the event heap and the running totals."""
 
-    def kick(eng: SimEngine) -> None:
+    def __init__(
+        self,
+        reqs: list[SimRequest],
+        sim: SimConfig,
+        sched_cfg: SchedulerConfig,
+        local: LocalSchedulerConfig,
+    ) -> None:
+        self.now = 0.0
+        self.sim = sim
+        self.reqs = reqs
+        ranks = list(range(sim.gpus))
+        self.scheduler = GlobalScheduler(
+            sched_cfg, ranks, clock=self.clock, rng=random.Random(sim.seed)
+        )
+        self.engines = [SimEngine(r, sim, local) for r in ranks]
+        for r in ranks:
+            self.scheduler.on_worker_ready(
+                WorkerReady(r, sim.kv_capacity_tokens, sim.block_size, sim.max_model_len, "sim")
+            )
+        self.t_first_arrival = reqs[0].arrival
+        span = reqs[-1].arrival - self.t_first_arrival
+        drain = sim.drain_s if sim.drain_s is not None else max(30.0, 0.1 * span)
+        self.horizon = reqs[-1].arrival + drain
+        self.heap: list[tuple[float, int, int, int, int]] = []  # (time, seq, kind, rank, version)
+        # An engine's step end is superseded when a new arrival cuts the step short: the heap
+        # keeps the stale entry, and its version no longer matches.
+        self.version = [0] * sim.gpus
+        self.seqno = 0
+        self.arrived = 0
+        self.in_flight = 0
+        self.latencies: list[float] = []
+        self.ttfts: list[float] = []
+        self.last_finish = self.t_first_arrival
+
+    def clock(self) -> float:
+        return self.now
+
+    def push(self, t: float, kind: int, rank: int = -1) -> None:
+        """Queue an event; a step end carries its engine's new version (stats ticks: rank -1)."""
+        self.seqno += 1
+        ver = 0
+        if kind == _STEP:
+            ver = self.version[rank] = self.version[rank] + 1
+        heapq.heappush(self.heap, (t, self.seqno, kind, rank, ver))
+
+    def kick(self, eng: SimEngine) -> None:
         """Plan the engine's next step if it is idle."""
         if eng.step_end is not None:
             return
         events: list = []
-        end = eng.plan(now, events)
+        end = eng.plan(self.now, events)
         if events:
-            scheduler.on_cache_report(CacheReport(eng.rank, events))
+            self.scheduler.on_cache_report(CacheReport(eng.rank, events))
         if end is not None:
-            version[eng.rank] += 1
-            push(end, _STEP, eng.rank, version[eng.rank])
+            self.push(end, _STEP, eng.rank)
 
-    push(t_first_arrival + sim.stats_interval_s, _STATS, -1, 0)
-    i = 0
-    inf = math.inf
-    while True:
-        t_arr = reqs[i].arrival if i < n else inf
-        t_ev = heap[0][0] if heap else inf
-        if t_arr == inf and (in_flight == 0 or t_ev == inf):
-            break
-        if t_arr <= t_ev:
-            now = t_arr
-            if now > horizon:
-                break
-            req = reqs[i]
-            i += 1
-            tokens = req.token_ids()
-            d = scheduler.schedule(req.request_id, tokens, req.max_tokens)
-            eng = engines[d.rank]
-            eng.add(SimSeq(req, tokens, now, cached_hint=d.cached_tokens))
-            in_flight += 1
-            prompt_total += req.prompt_tokens
-            if eng.step_end is None:
-                kick(eng)
-            else:
-                end = eng.cut(now)
-                if end is not None:
-                    version[eng.rank] += 1
-                    push(end, _STEP, eng.rank, version[eng.rank])
-            continue
-        t, _, kind, rank, ver = heapq.heappop(heap)
-        now = t
-        if now > horizon:
-            break
-        if kind == _STATS:
-            if in_flight or i < n:
-                for eng in engines:
-                    scheduler.on_load_stats(eng.load_stats(now))
-                push(now + sim.stats_interval_s, _STATS, -1, 0)
-            continue
-        if ver != version[rank]:
-            continue
-        eng = engines[rank]
+    def run(self) -> None:
+        """Process arrivals and events in time order until every request ends or the horizon."""
+        reqs, heap, n, inf, horizon = self.reqs, self.heap, len(self.reqs), math.inf, self.horizon
+        engines, version = self.engines, self.version
+        arrive, step_done, pop = self.arrive, self.step_done, heapq.heappop  # the hot loop
+        self.push(self.t_first_arrival + self.sim.stats_interval_s, _STATS)
+        i = 0
+        while True:
+            t_arr = reqs[i].arrival if i < n else inf
+            t_ev = heap[0][0] if heap else inf
+            if t_arr == inf and (self.in_flight == 0 or t_ev == inf):
+                return
+            if t_arr <= t_ev:
+                self.now = t_arr
+                if t_arr > horizon:
+                    return
+                i = self.arrived = i + 1
+                arrive(reqs[i - 1])
+                continue
+            t, _, kind, rank, ver = pop(heap)
+            self.now = t
+            if t > horizon:
+                return
+            if kind == _STATS:
+                self.stats_tick()
+            elif ver == version[rank]:
+                step_done(engines[rank])
+
+    def arrive(self, req: SimRequest) -> None:
+        """Schedule the request and hand it to its engine (which may cut its running step)."""
+        now = self.now
+        tokens = req.token_ids()
+        d = self.scheduler.schedule(req.request_id, tokens, req.max_tokens)
+        eng = self.engines[d.rank]
+        eng.add(SimSeq(req, tokens, now, cached_hint=d.cached_tokens))
+        self.in_flight += 1
+        if eng.step_end is None:
+            self.kick(eng)
+        else:
+            end = eng.cut(now)
+            if end is not None:
+                self.push(end, _STEP, eng.rank)
+
+    def stats_tick(self) -> None:
+        """Every engine's ``LoadStats``, while anything is left to run."""
+        if self.in_flight or self.arrived < len(self.reqs):
+            for eng in self.engines:
+                self.scheduler.on_load_stats(eng.load_stats(self.now))
+            self.push(self.now + self.sim.stats_interval_s, _STATS)
+
+    def step_done(self, eng: SimEngine) -> None:
+        """Report what the engine's step did to the scheduler, record finished requests, and
+        plan the next step."""
+        now, scheduler = self.now, self.scheduler
         res = eng.complete(now)
         if res.events:
-            scheduler.on_cache_report(CacheReport(rank, res.events))
+            scheduler.on_cache_report(CacheReport(eng.rank, res.events))
         for s in res.first_token:
             scheduler.on_first_token(s.req.request_id)
         for s, fin in res.finished:
             scheduler.on_finished(fin)
-            in_flight -= 1
-            latencies.append(now - s.req.arrival)
-            ttfts.append(s.t_first - s.req.arrival)
-            cached_total += s.cached_tokens
-            last_finish = now
-        kick(eng)
+            self.in_flight -= 1
+            self.latencies.append(now - s.req.arrival)
+            self.ttfts.append(s.t_first - s.req.arrival)
+            self.last_finish = now
+        self.kick(eng)
 
-    finished = len(latencies)
-    done_prompt = sum(e.prompt_tokens for e in engines)
-    busy = [e.busy_s for e in engines]
-    mean_busy = sum(busy) / len(busy)
-    latencies.sort()
-    ttfts.sort()
-    dur = last_finish - t_first_arrival
-    return SimResult(
-        policy=policy,
-        gpus=sim.gpus,
-        requests=n,
-        finished=finished,
-        mean_latency_s=sum(latencies) / finished if finished else math.nan,
-        p99_latency_s=_pct(latencies, 0.99),
-        mean_ttft_s=sum(ttfts) / finished if finished else math.nan,
-        p99_ttft_s=_pct(ttfts, 0.99),
-        throughput_rps=finished / dur if dur > 0 else math.nan,
-        hit_rate=(sum(e.hit_tokens for e in engines) / done_prompt) if done_prompt else 0.0,
-        ideal_hit_rate=ideal if ideal is not None else ideal_hit_rate(reqs),
-        imbalance=max(busy) / mean_busy if mean_busy > 0 else 1.0,
-        sim_time_s=now,
-        wall_s=time.perf_counter() - wall0,
-        decisions=dict(scheduler.decisions),
-        busy_s=busy,
-        scheduler_stats=scheduler.stats(),
-    )
+    def result(self, policy: str, ideal: float | None, wall0: float) -> SimResult:
+        engines = self.engines
+        latencies, ttfts = sorted(self.latencies), sorted(self.ttfts)
+        finished = len(latencies)
+        done_prompt = sum(e.prompt_tokens for e in engines)
+        busy = [e.busy_s for e in engines]
+        mean_busy = sum(busy) / len(busy)
+        dur = self.last_finish - self.t_first_arrival
+        return SimResult(
+            policy=policy,
+            gpus=self.sim.gpus,
+            requests=len(self.reqs),
+            finished=finished,
+            mean_latency_s=sum(latencies) / finished if finished else math.nan,
+            p99_latency_s=_pct(latencies, 0.99),
+            mean_ttft_s=sum(ttfts) / finished if finished else math.nan,
+            p99_ttft_s=_pct(ttfts, 0.99),
+            throughput_rps=finished / dur if dur > 0 else math.nan,
+            hit_rate=(sum(e.hit_tokens for e in engines) / done_prompt) if done_prompt else 0.0,
+            ideal_hit_rate=ideal if ideal is not None else ideal_hit_rate(self.reqs),
+            imbalance=max(busy) / mean_busy if mean_busy > 0 else 1.0,
+            sim_time_s=self.now,
+            wall_s=time.perf_counter() - wall0,
+            decisions=dict(self.scheduler.decisions),
+            busy_s=busy,
+            scheduler_stats=self.scheduler.stats(),
+        )
