@@ -508,6 +508,19 @@ class _Mailbox:
                 return batch
 
 
+def _fold(batch: list[object]) -> tuple[str, list[int], object]:
+    """A batch of stream events as (text, token ids) of its deltas and the event that ends the
+    stream, if the batch holds one (nothing follows it)."""
+    text: list[str] = []
+    ids: list[int] = []
+    for event in batch:
+        if not isinstance(event, TokenDelta):
+            return "".join(text), ids, event
+        text.append(event.text)
+        ids.extend(event.token_ids)
+    return "".join(text), ids, None
+
+
 class _ServerStop:
     """Put on a stream's queue to end it with UNAVAILABLE (drain timed out)."""
 
@@ -546,13 +559,44 @@ class PrebleServicer(pb_grpc.PrebleServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
+        client_req = await self._admit(request, context)
+        if client_req is None:
+            return
+        stream, rid = self._open_stream(client_req, context)
+        self._metrics.ingress.observe(time.perf_counter() - start)
+        first = True
+        while True:
+            text, ids, final = _fold(await stream.take())
+            if final is None or isinstance(final, FinalEvent) and final.ok:
+                if first and final is not None and not ids and final.token_ids:
+                    text, ids = final.text, list(final.token_ids)  # nothing streamed
+                if first and ids:
+                    first = False
+                    self._metrics.ttft.observe(time.perf_counter() - start)
+            if final is None:
+                # Deltas that queued up while the client read slower: one message.
+                yield pb.GenerateResponse(delta=pb.Delta(text=text, token_ids=ids))
+                continue
+            stream.ended = True
+            responses, status = self._end(final, text, ids, rid, client_req.request_id, start)
+            for response in responses:
+                yield response
+            if status is not None:
+                await context.abort(*status)
+            return
+
+    async def _admit(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> ClientRequest | None:
+        """The request as the runtime takes it, or None once the RPC is aborted (the server is
+        draining, or the request is invalid)."""
         if self.draining:
             self._metrics.requests.labels("unavailable").inc()
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "the server is draining (shutting down); send to another server",
             )
-            return
+            return None
         try:
             check_unknown_fields(request)
             if self._builder.needs_thread(request):
@@ -563,12 +607,17 @@ class PrebleServicer(pb_grpc.PrebleServicer):
                 ids = self._builder.token_ids(request)
             remaining = context.time_remaining()
             deadline = None if remaining is None else self._clock() + remaining
-            client_req = self._builder.build(request, ids, deadline)
+            return self._builder.build(request, ids, deadline)
         except BadRequest as exc:
             self._metrics.requests.labels("invalid_argument").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            return
+            return None
 
+    def _open_stream(
+        self, client_req: ClientRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[_Mailbox, str]:
+        """Submit the request with a mailbox for its events; returns the mailbox and the request
+        id the runtime knows it by (the client's, made unique among the open streams)."""
         stream = _Mailbox(asyncio.get_running_loop())
         number = next(self._numbers)
         client_rid = client_req.request_id
@@ -595,54 +644,27 @@ class PrebleServicer(pb_grpc.PrebleServicer):
         context.add_done_callback(on_rpc_done)
         self._open[number] = stream
         self._rt.submit(client_req, stream.put)
-        self._metrics.ingress.observe(time.perf_counter() - start)
-        first = True
-        while True:
-            out_text: list[str] = []
-            out_ids: list[int] = []
-            final: object = None
-            for event in await stream.take():
-                if isinstance(event, TokenDelta):
-                    out_text.append(event.text)
-                    out_ids.extend(event.token_ids)
-                else:
-                    final = event
-                    break
-            if final is None or isinstance(final, FinalEvent) and final.ok:
-                if first and final is not None and not out_ids and final.token_ids:
-                    out_text, out_ids = [final.text], list(final.token_ids)  # nothing streamed
-                if first and out_ids:
-                    first = False
-                    self._metrics.ttft.observe(time.perf_counter() - start)
-            if final is None:
-                # Deltas that queued up while the client read slower: one message.
-                yield pb.GenerateResponse(delta=pb.Delta(text="".join(out_text), token_ids=out_ids))
-                continue
-            stream.ended = True
-            if isinstance(final, _ServerStop):
-                self._rt.abort(rid)
-                self._metrics.requests.labels("unavailable").inc()
-                await context.abort(grpc.StatusCode.UNAVAILABLE, final.message)
-                return
-            assert isinstance(final, FinalEvent)
-            if final.error is not None:
-                if out_ids or out_text:  # output streamed before a failure still reaches the client
-                    yield pb.GenerateResponse(
-                        delta=pb.Delta(text="".join(out_text), token_ids=out_ids)
-                    )
-                err = final.error
-                self._metrics.requests.labels(err.kind).inc()
-                code = STATUS_OF_KIND.get(err.kind, grpc.StatusCode.INTERNAL)
-                await context.abort(code, err.message)
-                return
-            response = pb.GenerateResponse(final=self._final(final, client_rid))
-            if out_ids or out_text:
-                response.delta.text = "".join(out_text)
-                response.delta.token_ids.extend(out_ids)
-            self._metrics.on_final(final, time.perf_counter() - start)
-            self.served += 1
-            yield response
-            return
+        return stream, rid
+
+    def _end(
+        self, final: object, text: str, ids: list[int], rid: str, client_rid: str, start: float
+    ) -> tuple[list[pb.GenerateResponse], tuple[grpc.StatusCode, str] | None]:
+        """The stream's last messages and the status to abort it with (None: it succeeded)."""
+        if isinstance(final, _ServerStop):
+            self._rt.abort(rid)
+            self._metrics.requests.labels("unavailable").inc()
+            return [], (grpc.StatusCode.UNAVAILABLE, final.message)
+        assert isinstance(final, FinalEvent)
+        delta = pb.Delta(text=text, token_ids=ids) if text or ids else None
+        if final.error is not None:
+            # Output streamed before a failure still reaches the client.
+            err = final.error
+            self._metrics.requests.labels(err.kind).inc()
+            code = STATUS_OF_KIND.get(err.kind, grpc.StatusCode.INTERNAL)
+            return [pb.GenerateResponse(delta=delta)] if delta else [], (code, err.message)
+        self._metrics.on_final(final, time.perf_counter() - start)
+        self.served += 1
+        return [pb.GenerateResponse(final=self._final(final, client_rid), delta=delta)], None
 
     def fail_open_streams(self, message: str) -> None:
         """End every open stream with UNAVAILABLE ``message`` (asyncio thread)."""
