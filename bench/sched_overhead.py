@@ -263,9 +263,29 @@ def run_row(ranks: int, prompt_tokens: int, args) -> dict:
     gc.collect()
     for _ in range(args.decisions):
         step(True)
+    return {
+        "ranks": ranks,
+        "prompt_tokens": prompt_tokens,
+        **_rates(lat, others, intake, args.chunks),
+        "tree_tokens": sched.tree.total_tokens,
+        "rss_mb": round(rss_mb(), 1),
+        "tree_mb": round(tree_mb(sched), 1),
+        "forgotten_tokens": sched.tree.forgotten_tokens,
+        "gc": args.gc,
+        "events_per_decision": round(events / len(lat), 2),
+        "tree_cap_tokens": args.tree_cap,
+        "tree_nodes": sched.tree.num_nodes,
+        "warmup_decisions": warm_decisions,
+        "decisions": sched.stats()["decisions"],
+    }
+
+
+def _rates(lat: list[float], others: list[float], intake: list[float], n_chunks: int) -> dict:
+    """Decisions per second (median and best chunk, alone and with intake / reports) and the
+    decision latency percentiles, from per-decision timings in seconds."""
     # Throughput per chunk of consecutive decisions; the median chunk resists other tenants of
     # the machine (they only ever slow a chunk down).
-    size = max(1, len(lat) // args.chunks)
+    size = max(1, len(lat) // n_chunks)
     chunks = [
         (lat[k : k + size], others[k : k + size], intake[k : k + size])
         for k in range(0, len(lat), size)
@@ -274,29 +294,16 @@ def run_row(ranks: int, prompt_tokens: int, args) -> dict:
     rates = sorted(size / sum(d) for d, _, _ in chunks)
     rates_intake = sorted(size / (sum(d) + sum(c)) for d, _, c in chunks)
     rates_all = sorted(size / (sum(d) + sum(o)) for d, o, _ in chunks)
-    lat.sort()
+    lat = sorted(lat)
     n = len(lat)
-    stats = sched.stats()
     return {
-        "ranks": ranks,
-        "prompt_tokens": prompt_tokens,
         "decisions_per_s": round(statistics.median(rates), 1),
         "best_decisions_per_s": round(rates[-1], 1),
         "p50_ms": round(lat[n // 2] * 1e3, 4),
         "p99_ms": round(lat[min(n - 1, int(n * 0.99))] * 1e3, 4),
-        "tree_tokens": sched.tree.total_tokens,
-        "rss_mb": round(rss_mb(), 1),
-        "tree_mb": round(tree_mb(sched), 1),
-        "forgotten_tokens": sched.tree.forgotten_tokens,
-        "gc": args.gc,
         "with_intake_per_s": round(statistics.median(rates_intake), 1),
         "intake_us": round(statistics.mean(intake) * 1e6, 2),
         "with_reports_per_s": round(statistics.median(rates_all), 1),
-        "events_per_decision": round(events / n, 2),
-        "tree_cap_tokens": args.tree_cap,
-        "tree_nodes": sched.tree.num_nodes,
-        "warmup_decisions": warm_decisions,
-        "decisions": stats["decisions"],
     }
 
 
