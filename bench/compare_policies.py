@@ -221,14 +221,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fixed_rates(p: argparse.ArgumentParser, args: argparse.Namespace, names: list[str]) -> dict:
-    """Check the seed counts; the rates of ``--rates-from`` (empty without it)."""
+def _check_seeds(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Default ``--sweep-seeds`` to ``--eval-seeds`` (at least 3); both must be >= 1."""
     if args.sweep_seeds is None:
         args.sweep_seeds = max(3, args.eval_seeds)
     if args.sweep_seeds < 1:
         p.error("--sweep-seeds must be >= 1")
     if args.eval_seeds < 1:
         p.error("--eval-seeds must be >= 1")
+
+
+def _fixed_rates(p: argparse.ArgumentParser, args: argparse.Namespace, names: list[str]) -> dict:
+    """The rates of ``--rates-from`` for ``names`` (empty without it)."""
     if not args.rates_from:
         return {}
     try:
@@ -275,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     names = [w for w in args.workloads.split(",") if w]
+    _check_seeds(p, args)
     fixed = _fixed_rates(p, args, names)
     jobs = [
         (

@@ -179,8 +179,8 @@ class _Run:
                 self.now = t_arr
                 if t_arr > horizon:
                     return
+                arrive(reqs[i])
                 i = self.arrived = i + 1
-                arrive(reqs[i - 1])
                 continue
             t, _, kind, rank, ver = pop(heap)
             self.now = t
