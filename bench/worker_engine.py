@@ -92,7 +92,24 @@ def run_worker(adapter, model, local_config, prompts, spec, tag) -> tuple[float,
     return time.perf_counter() - t, tokens
 
 
-def main(argv: list[str] | None = None) -> int:
+COLUMNS = [
+    "workload",
+    "variant",
+    "wall_s",
+    "requests_per_s",
+    "output_tokens_per_s",
+    "total_tokens_per_s",
+    "steps",
+    "host_ms_per_step",
+    "host_ms_per_step_over_bare",
+    "overhead_pct",
+]
+
+#: (wall s, output tokens, seconds inside LLMEngine.step, steps) of one run
+Sample = tuple[float, int, float, int]
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="models/tiny-llama")
     ap.add_argument("--requests", type=int, default=64)
@@ -105,20 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--json", metavar="PATH")
-    args = ap.parse_args(argv)
+    return ap
 
-    from preble_hpc.worker_rank.engine import EngineAdapter
 
-    config = EngineConfig(
-        model=args.model,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        kv_cache_gib=args.kv_cache_gib,
-        enforce_eager=args.enforce_eager,
-    )
-    t0 = time.perf_counter()
-    adapter = EngineAdapter(config)
-    start_s = time.perf_counter() - t0
+def measure(adapter, args: argparse.Namespace, workloads: dict[str, int]) -> dict:
+    """Every (workload, variant) ``--reps`` times on the one engine, the variants alternating;
+    returns their samples by (workload, variant)."""
     timer = StepTimer(adapter._engine)
     spec = SamplingSpec(max_tokens=args.max_tokens, ignore_eos=True)
     paced = LocalSchedulerConfig()
@@ -128,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "worker": lambda p, tag: run_worker(adapter, args.model, paced, p, spec, tag),
         "worker_unpaced": lambda p, tag: run_worker(adapter, args.model, unpaced, p, spec, tag),
     }
-    workloads = {"unique": 0, "shared": args.shared_len}
-    samples: dict[tuple[str, str], list[tuple[float, int, float, int]]] = {}
+    samples: dict[tuple[str, str], list[Sample]] = {}
     # warm-up (first steps allocate), not measured
     run_bare(adapter, make_prompts(4, args.prompt_len, 0, 99), spec)
     for rep in range(args.reps):
@@ -143,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                 samples.setdefault((wl, name), []).append(
                     (wall, tokens, timer.seconds, timer.steps)
                 )
-    adapter.shutdown()
+    return samples
 
+
+def summarize(samples: dict, args: argparse.Namespace, workloads: dict[str, int]) -> list[dict]:
+    """One row per (workload, variant): medians over the reps, and the cost over bare vLLM."""
     rows = []
     for (wl, name), runs in samples.items():
         wall = statistics.median(r[0] for r in runs)
@@ -172,28 +183,37 @@ def main(argv: list[str] | None = None) -> int:
         b = bare[r["workload"]]
         r["overhead_pct"] = round((r["wall_s"] / b["wall_s"] - 1) * 100, 2)
         r["host_ms_per_step_over_bare"] = round(r["host_ms_per_step"] - b["host_ms_per_step"], 3)
+    return rows
 
-    cols = [
-        "workload",
-        "variant",
-        "wall_s",
-        "requests_per_s",
-        "output_tokens_per_s",
-        "total_tokens_per_s",
-        "steps",
-        "host_ms_per_step",
-        "host_ms_per_step_over_bare",
-        "overhead_pct",
-    ]
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    from preble_hpc.worker_rank.engine import EngineAdapter
+
+    config = EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
+        enforce_eager=args.enforce_eager,
+    )
+    t0 = time.perf_counter()
+    adapter = EngineAdapter(config)
+    start_s = time.perf_counter() - t0
+    workloads = {"unique": 0, "shared": args.shared_len}
+    samples = measure(adapter, args, workloads)
+    adapter.shutdown()
+    rows = summarize(samples, args, workloads)
     print(
         f"engine start {start_s:.1f} s; {args.requests} requests x {args.prompt_len} prompt "
         f"tokens (+{args.max_tokens} out), shared prefix {args.shared_len}; median of "
         f"{args.reps}",
         file=sys.stderr,
     )
-    print(" | ".join(cols))
+    print(" | ".join(COLUMNS))
     for r in rows:
-        print(" | ".join(str(r[c]) for c in cols))
+        print(" | ".join(str(r[c]) for c in COLUMNS))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
