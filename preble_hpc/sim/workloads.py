@@ -474,6 +474,45 @@ def _make_gen(spec: WorkloadSpec, rng, ids, zipf, rate):
 MOONCAKE_BLOCK = 512
 
 
+def _read_trace(path: str | Path, n: int | None) -> list[dict]:
+    """The first ``n`` (all for None) requests of a Mooncake JSONL trace, each checked, so that a
+    bad line is reported by file and line number instead of failing later without either."""
+    rows: list[dict] = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(_trace_row(json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"trace {path} line {lineno}: not JSON ({exc.msg} at column {exc.colno})"
+                ) from None
+            except ValueError as exc:
+                raise ValueError(f"trace {path} line {lineno}: {exc}") from None
+            if n is not None and len(rows) >= n:
+                break
+    if not rows:
+        raise ValueError(f"trace {path} holds no requests")
+    return rows
+
+
+def _trace_row(row: object) -> dict:
+    if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    missing = [k for k in ("timestamp", "input_length", "hash_ids") if k not in row]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    for key in ("timestamp", "input_length", "output_length"):
+        v = row.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise ValueError(f"{key} must be a number >= 0, got {v!r}")
+    ids = row["hash_ids"]
+    if not isinstance(ids, list) or not all(isinstance(h, int) for h in ids):
+        raise ValueError(f"hash_ids must be a list of integers, got {ids!r}")
+    return row
+
+
 def load_trace(
     path: str | Path,
     rate: float | None = None,
@@ -488,16 +527,7 @@ def load_trace(
     Timestamps that are quantized (several requests on one tick) are spread uniformly within the
     tick; ``rate`` rescales arrivals to that mean rate; ``n`` keeps the first ``n`` requests.
     """
-    rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
-                if n is not None and len(rows) >= n:
-                    break
-    if not rows:
-        raise ValueError(f"trace {path} holds no requests")
+    rows = _read_trace(path, n)
     rows.sort(key=lambda r: r["timestamp"])
     times = spread_ticks([float(r["timestamp"]) / 1000.0 for r in rows], random.Random(seed))
     t0 = times[0]

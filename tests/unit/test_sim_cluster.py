@@ -104,3 +104,10 @@ def test_cli_rejects_an_unknown_policy_and_replays_a_trace(tmp_path, capsys):
     assert cli.main(["--trace", str(trace), "--gpus", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["finished"] for r in rows] == [40, 40] and rows[0]["workload"] == "t"
+
+
+def test_cli_names_a_bad_trace_line_and_exits_2(tmp_path, capsys):
+    trace = tmp_path / "bad.jsonl"
+    trace.write_text('{"timestamp": 0, "input_length": 100}\n')
+    assert cli.main(["--trace", str(trace), "--gpus", "2", "--policies", "e2"]) == 2
+    assert f"trace {trace} line 1: missing hash_ids" in capsys.readouterr().err

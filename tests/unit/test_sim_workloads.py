@@ -154,6 +154,26 @@ def test_trace_replay_blocks_rate_and_quantized_ticks(tmp_path):
     assert len(load_trace(path, n=2)) == 2
 
 
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ('{"timestamp": 0, "input_length": 9}', "line 2: missing hash_ids"),
+        ('{"timestamp": 0, "input_length": 9, "hash_ids": [1]', "line 2: not JSON"),
+        ('{"timestamp": "x", "input_length": 9, "hash_ids": [1]}', "line 2: timestamp must be"),
+        ('{"timestamp": 0, "input_length": -1, "hash_ids": [1]}', "line 2: input_length must be"),
+        ('{"timestamp": 0, "input_length": 9, "hash_ids": ["a"]}', "line 2: hash_ids must be"),
+        ("[1, 2]", "line 2: not a JSON object"),
+    ],
+)
+def test_trace_lines_that_are_not_requests_are_named_by_line(tmp_path, bad, message):
+    good = '{"timestamp": 0, "input_length": 9, "output_length": 1, "hash_ids": [1]}'
+    path = tmp_path / "t.jsonl"
+    path.write_text(f"{good}\n{bad}\n")
+    with pytest.raises(ValueError, match=f"{path} {message}"):
+        load_trace(path)
+    assert len(load_trace(path, n=1)) == 1  # the first n lines are all that is read
+
+
 def test_spread_ticks_keeps_distinct_timestamps():
     assert spread_ticks([0.0, 1.0, 2.0], random.Random(0)) == [0.0, 1.0, 2.0]
     s = spread_ticks([0.0, 0.0, 2.0, 2.0], random.Random(0))
