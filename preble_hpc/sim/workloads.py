@@ -505,11 +505,19 @@ def _trace_row(row: object) -> dict:
         raise ValueError(f"missing {', '.join(missing)}")
     for key in ("timestamp", "input_length", "output_length"):
         v = row.get(key, 0)
-        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
             raise ValueError(f"{key} must be a number >= 0, got {v!r}")
+    if row["input_length"] < 1:
+        raise ValueError("input_length must be >= 1: a request needs a prompt")
     ids = row["hash_ids"]
     if not isinstance(ids, list) or not all(isinstance(h, int) for h in ids):
         raise ValueError(f"hash_ids must be a list of integers, got {ids!r}")
+    need = math.ceil(row["input_length"] / MOONCAKE_BLOCK)
+    if len(ids) < need:
+        raise ValueError(
+            f"{len(ids)} hash_ids for input_length {row['input_length']}, which needs {need}"
+            f" blocks of {MOONCAKE_BLOCK} tokens"
+        )
     return row
 
 
@@ -562,8 +570,6 @@ def load_trace(
                     next_id += 1
                     p = cut[(h, size)] = Piece(next_id, size, keep=uses[h] > 1, src=h)
             pieces.append(p)
-        if not pieces:
-            continue
         o = max(1, int(r.get("output_length", 1)))
         if max_output is not None:
             o = min(o, max_output)

@@ -163,6 +163,9 @@ def test_trace_replay_blocks_rate_and_quantized_ticks(tmp_path):
         ('{"timestamp": 0, "input_length": -1, "hash_ids": [1]}', "line 2: input_length must be"),
         ('{"timestamp": 0, "input_length": 9, "hash_ids": ["a"]}', "line 2: hash_ids must be"),
         ("[1, 2]", "line 2: not a JSON object"),
+        ('{"timestamp": 0, "input_length": 0, "hash_ids": []}', "line 2: input_length must be >="),
+        ('{"timestamp": 0, "input_length": 600, "hash_ids": [1]}', "line 2: 1 hash_ids for"),
+        ('{"timestamp": NaN, "input_length": 9, "hash_ids": [1]}', "line 2: timestamp must be"),
     ],
 )
 def test_trace_lines_that_are_not_requests_are_named_by_line(tmp_path, bad, message):
