@@ -337,15 +337,17 @@ def _popularity_order(
             abs(shared - spec.shared_mean) / ZIPF_SHARED_TOL,
         )
 
-    if miss(prefixes) <= 1:
+    best, best_miss = prefixes, miss(prefixes)
+    if best_miss <= 1:
         return prefixes
     order_rng = random.Random(rng.getrandbits(64))
-    best = prefixes
     for _ in range(ZIPF_ORDER_TRIES):
         order = order_rng.sample(prefixes, len(prefixes))
-        if miss(order) <= 1:
+        m = miss(order)
+        if m <= 1:
             return order
-        best = min(best, order, key=miss)
+        if m < best_miss:
+            best, best_miss = order, m
     return best
 
 
