@@ -480,12 +480,18 @@ def _read_trace(path: str | Path, n: int | None) -> list[dict]:
     """The first ``n`` (all for None) requests of a Mooncake JSONL trace, each checked, so that a
     bad line is reported by file and line number instead of failing later without either."""
     rows: list[dict] = []
-    with open(path) as f:
+    # Bytes, decoded line by line: text mode would fail on a line that is not UTF-8 while
+    # iterating, outside the try, and the message would name neither the file nor the line.
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(_trace_row(json.loads(line)))
+                rows.append(_trace_row(json.loads(line.decode("utf-8"))))
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"trace {path} line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                ) from None
             except json.JSONDecodeError as exc:
                 raise ValueError(
                     f"trace {path} line {lineno}: not JSON ({exc.msg} at column {exc.colno})"

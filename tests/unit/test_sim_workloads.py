@@ -166,12 +166,13 @@ def test_trace_replay_blocks_rate_and_quantized_ticks(tmp_path):
         ('{"timestamp": 0, "input_length": 0, "hash_ids": []}', "line 2: input_length must be >="),
         ('{"timestamp": 0, "input_length": 600, "hash_ids": [1]}', "line 2: 1 hash_ids for"),
         ('{"timestamp": NaN, "input_length": 9, "hash_ids": [1]}', "line 2: timestamp must be"),
+        ('{"timestamp": 0, "input_length": 9, "hash_ids": [1]}\udcff', "line 2: not UTF-8"),
     ],
 )
 def test_trace_lines_that_are_not_requests_are_named_by_line(tmp_path, bad, message):
     good = '{"timestamp": 0, "input_length": 9, "output_length": 1, "hash_ids": [1]}'
     path = tmp_path / "t.jsonl"
-    path.write_text(f"{good}\n{bad}\n")
+    path.write_bytes(f"{good}\n{bad}\n".encode("utf-8", "surrogateescape"))
     with pytest.raises(ValueError, match=f"{path} {message}"):
         load_trace(path)
     assert len(load_trace(path, n=1)) == 1  # the first n lines are all that is read
