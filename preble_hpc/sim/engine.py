@@ -24,7 +24,10 @@ E2 must not be graded by its own estimates. What it models, vLLM-style:
                  \\_ A owns 0..96 _/\\_ B owns 97..113 (97 straddles A|B: it is B's) _/
 
   A node holds a prefix of its blocks; eviction takes the tail blocks of the least recently used
-  unpinned leaf first, so a cached path is always a prefix (as in vLLM and SGLang).
+  unpinned leaf first, so a cached path is always a prefix (as in vLLM and SGLang). A prompt's
+  blocks enter the cache chunk by chunk as its prefill computes them (vLLM's ``allocate_slots``
+  caches a chunk's full blocks when it schedules them), so a request with the same prefix
+  admitted while the first is still prefilling reuses what is computed so far.
 - Memory is reserved at admission for the whole prompt and output (no preemption); a request that
   does not fit waits in the local scheduler until running requests free blocks.
 
@@ -119,8 +122,11 @@ class BlockCache:
         self._tick += 1
         heapq.heappush(self._lru, (nd.last, self._tick, nd))
 
-    def insert(self, pieces: tuple[Piece, ...], now: float) -> tuple[list[_Node], int]:
-        """Cache every whole block of ``pieces``; returns the path and the blocks newly cached.
+    def insert(
+        self, pieces: tuple[Piece, ...], now: float, upto: int | None = None
+    ) -> tuple[list[_Node], int]:
+        """Cache every whole block of ``pieces`` (only blocks before global block ``upto`` when
+        given: a prefill in progress); returns the path and the blocks newly cached.
         New unpinned leaves become evictable (the caller pins what it keeps using)."""
         bs = self.bs
         node = self.root
@@ -130,15 +136,21 @@ class BlockCache:
         for p in pieces:
             start = end // bs
             end += p.n
+            count = end // bs - start
+            want = count if upto is None else min(count, upto - start)
+            if want <= 0 and upto is not None:
+                break
             child = node.children.get(p.pid)
             if child is None:
-                child = _Node(p, node, start, end // bs - start)
+                child = _Node(p, node, start, count)
                 node.children[p.pid] = child
-            if child.cached < child.count:
-                added += child.count - child.cached
-                child.cached = child.count
+            if child.cached < want:
+                added += want - child.cached
+                child.cached = want
             child.last = now
             path.append(child)
+            if want < count:
+                break
             node = child
         self.blocks += added
         if path and path[-1].refs == 0 and not path[-1].children:
@@ -227,6 +239,9 @@ class SimSeq:
     prompt: int = 0
     total_blocks: int = 0
     hit_blocks: int = 0
+    """Prompt blocks in the cache path it pins: its hit at admission, then what it has computed."""
+    added_blocks: int = 0
+    """Blocks its prefill has cached so far that no one had cached before (STORED at the end)."""
     cached_tokens: int = 0
     computed: int = 0
     path: list[_Node] = field(default_factory=list)
@@ -418,6 +433,8 @@ class SimEngine:
                 self.k += 1
             for s, c in self._chunks:
                 s.computed += c
+                if s.computed < s.prompt:
+                    self._cache_progress(s, now)
             self._chunks = []
             while self.prefilling and self.prefilling[0].computed >= self.prefilling[0].prompt:
                 self._prefill_done(self.prefilling.popleft(), now, res)
@@ -436,6 +453,22 @@ class SimEngine:
             self._finish(s, now, res)
         return res
 
+    def _cache_progress(self, s: SimSeq, now: float) -> None:
+        """Cache the whole blocks of the prompt computed so far, as vLLM does once a chunk is
+        scheduled: a request sharing the prefix and admitted meanwhile reuses them instead of
+        computing a second copy. Their blocks leave the request's private reservation."""
+        done = s.computed // self.bs
+        if done <= s.hit_blocks:
+            return
+        cache = self.cache
+        path, added = cache.insert(s.req.pieces, now, done)
+        cache.pin(path, now)
+        cache.unpin(s.path)
+        s.path = path
+        self.private -= done - s.hit_blocks
+        s.hit_blocks = done
+        s.added_blocks += added
+
     def _prefill_done(self, s: SimSeq, now: float, res: StepResult) -> None:
         s.t_first = now
         res.first_token.append(s)
@@ -446,7 +479,7 @@ class SimEngine:
         cache.pin(path, now)
         cache.unpin(s.path)
         s.path = path
-        if added and s.tokens is not None:
+        if (added or s.added_blocks) and s.tokens is not None:
             res.events.append(
                 CacheEvent(CacheEventKind.STORED, _ids(s.tokens[: full * self.bs]), self.bs)
             )

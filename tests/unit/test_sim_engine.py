@@ -176,6 +176,31 @@ def test_prefix_reuse_skips_cached_blocks_and_attends_to_them():
     assert eng.hit_tokens == 992 and eng.prompt_tokens == 2200
 
 
+def test_a_prefill_in_progress_shares_its_computed_blocks():
+    # vLLM caches a prompt's blocks as its chunks are scheduled, so a request with the same
+    # prefix admitted mid-prefill reuses what is computed instead of computing a second copy.
+    eng = SimEngine(0, CFG, LocalSchedulerConfig())
+    doc = Piece(1, 20000)
+    a = req("a", [doc], out=1)
+    b = req("b", [doc, Piece(2, 100, keep=False)], out=1, arrival=0.001)
+    out, events = run(eng, [a, b])
+    # b waits while a's backlog fills the budget; it is admitted for the third step, after a has
+    # computed two chunks (16384 tokens = 1024 blocks), and computes only the rest (3716).
+    fin = out["b"][2]
+    assert fin.cached_tokens == 16384
+    third = (
+        CFG.step_base_s
+        + CFG.prefill_per_token_s * (3616 + 3716)
+        + CFG.prefill_attention_s * (3616 * (16384 + 1808) + 3716 * (16384 + 1858))
+    )
+    t_first = prefill_s(8192, 0) + prefill_s(8192, 8192) + third
+    assert out["a"][0] == pytest.approx(t_first) and out["b"][0] == pytest.approx(t_first)
+    # One copy of the document: a's 1250 blocks plus b's 6 of its own, nothing left reserved.
+    assert eng.cache.blocks == 1256 and eng.private == 0
+    stored = [len(e.token_ids) for e in events if e.kind is CacheEventKind.STORED]
+    assert stored == [20000, 20096]
+
+
 def test_continuous_batching_decodes_running_sequences_in_one_step():
     eng = SimEngine(0, CFG, LocalSchedulerConfig())
     a = req("a", [Piece(1, 100)], out=3)
