@@ -112,6 +112,12 @@ _LOCAL_FLAGS = (
     _Flag("--local-groups", "num_groups", "priority groups of the local scheduler", int),
     _Flag("--local-quota", "quota", "base admission quota k of the local scheduler", int),
     _Flag("--max-engine-waiting", "max_engine_waiting", "most requests waiting inside vLLM", int),
+    _Flag(
+        "--eviction-window-s",
+        "eviction_window_s",
+        "seconds after a KV eviction during which queued cache hits go first (0: off)",
+        float,
+    ),
 )
 _RUNTIME_FLAGS = (
     _Flag("--max-inflight", "max_inflight", "requests in flight across all workers", int),

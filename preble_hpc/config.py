@@ -94,9 +94,19 @@ class LocalSchedulerConfig:
     max_engine_waiting: int = 4
     """Admission pacing: most requests we let wait inside vLLM's own queue, so that our order is
     the order vLLM runs."""
+    eviction_window_s: float = 5.0
+    """For this long after the engine last evicted cached KV, a queued request of a higher group
+    (a hit) goes before the rest of a lower group's turn, if its group has quota left in the
+    round: under eviction the cold prompts of that turn would evict the prefix it waits to reuse.
+    0: Preble's plain rounds."""
 
     def __post_init__(self) -> None:
         _positive(self, "num_groups", "quota")
+        _require(
+            self.eviction_window_s >= 0,
+            f"LocalSchedulerConfig.eviction_window_s must be >= 0 (0 turns it off), "
+            f"got {self.eviction_window_s}",
+        )
         _require(
             self.max_engine_waiting >= 0,
             f"LocalSchedulerConfig.max_engine_waiting must be >= 0, got {self.max_engine_waiting}",

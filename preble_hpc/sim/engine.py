@@ -268,6 +268,9 @@ class SimEngine:
         self.bs = cfg.block_size
         self.cache = BlockCache(cfg.kv_capacity_tokens // cfg.block_size, cfg.block_size)
         self.ls = LocalScheduler(local)
+        self.eviction_window_s = local.eviction_window_s
+        self.evicted_at = -math.inf  # when the cache last evicted blocks (the local scheduler's
+        # cache-pressure signal, as the worker takes it from vLLM's KV events)
         self.pending: SimSeq | None = None  # taken from the local scheduler, waiting for memory
         self.prefilling: deque[SimSeq] = deque()
         self.decoding: list[tuple[int, int, SimSeq]] = []  # heap by end_step
@@ -314,7 +317,8 @@ class SimEngine:
         need = seq.total_blocks - hit
         free = cache.capacity - cache.blocks - self.private
         if need > free:
-            cache.evict(need - free, now, events)
+            if cache.evict(need - free, now, events):
+                self.evicted_at = now
             if need > cache.capacity - cache.blocks - self.private:
                 cache.unpin(path)
                 return False
@@ -336,7 +340,7 @@ class SimEngine:
         while backlog < budget and self.nseq < self.cfg.max_num_seqs:
             seq = self.pending
             if seq is None:
-                got = self.ls.pop_round(1)
+                got = self.ls.pop_round(1, now - self.evicted_at < self.eviction_window_s)
                 if not got:
                     return
                 seq = got[0]

@@ -14,6 +14,18 @@ most ``ceil(position / k)`` rounds. The round's state survives between calls: ``
 with a small ``limit`` (admission pacing) continues the round where the last call stopped instead
 of restarting at the top group, which would starve the lower groups.
 
+**Under cache pressure** (``pop_round(..., cache_pressure=True)``: the engine has just evicted
+cached KV) a queued hit is perishable: the cold prompts of a lower group's turn evict the very
+prefix it waits to reuse, and it then recomputes it. So the next item comes from the highest
+non-empty group that still has quota left in this round, before the lower group's turn goes on::
+
+    cursor at group 0 (turn: up to k cold prompts), a hit arrives in group P-1:
+        no pressure:  cold, cold, ..., cold (the turn), then the hit (next round)
+        pressure:     the hit (charged to group P-1's quota this round), then the turn goes on
+
+Quotas still bound every group per round, and a round ends only when no non-empty group has
+quota left, so the starvation bound above holds in both modes.
+
 Pure Python, no vLLM: the simulator runs the same object in front of its simulated engines.
 """
 
@@ -43,9 +55,9 @@ class LocalScheduler:
             OrderedDict() for _ in range(config.num_groups)
         ]
         self._group_of: dict[str, int] = {}
-        # Position in the current round: the group being served and what it may still take.
+        # The current round: the group whose turn it is, and what each group may still take.
         self._cursor = config.num_groups - 1
-        self._left = self.quota(self._cursor)
+        self._left = [self.quota(g) for g in range(config.num_groups)]
 
     def quota(self, group: int) -> int:
         """Admissions group ``group`` may take per round: ``(g + 1) * k``."""
@@ -76,21 +88,40 @@ class LocalScheduler:
             return None
         return self._groups[group].pop(item_id)
 
-    def pop_round(self, limit: int) -> list[Any]:
-        """Up to ``limit`` items in round order, continuing the current round."""
+    def pop_round(self, limit: int, cache_pressure: bool = False) -> list[Any]:
+        """Up to ``limit`` items in round order, continuing the current round; with
+        ``cache_pressure``, higher groups with quota left go before the current turn."""
         out: list[Any] = []
         while len(out) < limit and self._group_of:
-            group = self._groups[self._cursor]
-            if self._left <= 0 or not group:
-                self._advance()
-                continue
-            item_id, item = group.popitem(last=False)
+            group = self._next_group(cache_pressure)
+            item_id, item = self._groups[group].popitem(last=False)
             del self._group_of[item_id]
-            self._left -= 1
+            self._left[group] -= 1
             out.append(item)
         return out
 
-    def _advance(self) -> None:
-        """Move to the next lower group; below group 0 a new round starts at the top."""
-        self._cursor = self._cursor - 1 if self._cursor > 0 else self.config.num_groups - 1
-        self._left = self.quota(self._cursor)
+    def _next_group(self, cache_pressure: bool) -> int:
+        """The group the next item comes from (something is queued)."""
+        if cache_pressure:
+            group = self._highest_with_quota()
+            if group is None:
+                self._new_round()
+                group = self._highest_with_quota()
+            assert group is not None  # after a new round every non-empty group has quota
+            return group
+        while not (self._groups[self._cursor] and self._left[self._cursor] > 0):
+            if self._cursor > 0:
+                self._cursor -= 1
+            else:
+                self._new_round()
+        return self._cursor
+
+    def _highest_with_quota(self) -> int | None:
+        for g in range(self.config.num_groups - 1, -1, -1):
+            if self._groups[g] and self._left[g] > 0:
+                return g
+        return None
+
+    def _new_round(self) -> None:
+        self._cursor = self.config.num_groups - 1
+        self._left = [self.quota(g) for g in range(self.config.num_groups)]

@@ -5,7 +5,8 @@
     submit(Submit) --validate--> LocalScheduler (group by estimated hit ratio)
                                      | admission, paced: what vLLM starts in its next step
                                      | (token budget, free slots), plus at most
-                                     v max_engine_waiting requests waiting inside vLLM
+                                     | max_engine_waiting requests waiting inside vLLM;
+                                     v hits first while vLLM is evicting (KV events)
     step():                      EngineAdapter.step() -> TokenDelta*, Finished (timings)
                                  KV events            -> CacheReport (+ our prefix mirror)
                                  every stats_interval -> LoadStats
@@ -27,6 +28,7 @@ vLLM itself decides what is really reused and ``Finished.cached_tokens`` says wh
 from __future__ import annotations
 
 import logging
+import math
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -136,6 +138,8 @@ class Worker:
         self._unstarted: dict[str, int] = {}
         self._unstarted_tokens = 0
         self._next_stats = clock()
+        #: When vLLM last reported an eviction: the local scheduler's cache-pressure signal.
+        self._evicted_at = -math.inf
 
     # ------------------------------------------------------------------ contract C
 
@@ -186,11 +190,13 @@ class Worker:
         for update in self.engine.step():
             self._on_update(update, out)
         events = self.engine.cache_events()
+        now = self.clock()
         if events:
             for event in events:
                 self.mirror.apply(event)
+                if event.kind is CacheEventKind.EVICTED:
+                    self._evicted_at = now
             out.append(CacheReport(self.rank, events))
-        now = self.clock()
         if now >= self._next_stats:
             self._next_stats = now + self.stats_interval_s
             out.append(self.load_stats(now))
@@ -233,9 +239,15 @@ class Worker:
             and len(self._running) < slots
         )
 
+    def under_cache_pressure(self) -> bool:
+        """Whether vLLM evicted cached KV within ``eviction_window_s``: queued hits then go before
+        a lower group's turn (see ``LocalScheduler``)."""
+        return self.clock() - self._evicted_at < self.local_config.eviction_window_s
+
     def _admit(self, out: list[object]) -> None:
+        pressure = self.under_cache_pressure()
         while self._queued and self.can_admit():
-            popped = self.local.pop_round(1)
+            popped = self.local.pop_round(1, pressure)
             if not popped:
                 return
             req = popped[0]

@@ -341,6 +341,83 @@ def drain_worker(w, until, timeout_s=5.0):
     return msgs
 
 
+class _OneAtATime:
+    """The module's engine with no token budget for the worker's pacing, so that it admits one
+    request at a time; records the order vLLM gets requests."""
+
+    max_num_batched_tokens = None
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self.added: list[str] = []
+
+    def add_request(self, request_id, prompt_token_ids, spec) -> None:
+        self.added.append(request_id)
+        self._engine.add_request(request_id, prompt_token_ids, spec)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def _order_of_a_hit_during_a_cold_turn(engine, tiny_model, eviction_window_s, seed):
+    """Make vLLM evict (distinct prompts, one by one), then queue a hit and four cold prompts
+    and send another hit once the cold turn has begun: the order vLLM got the six."""
+    from preble_hpc.worker_rank.local_scheduler import LocalScheduler
+    from preble_hpc.worker_rank.worker import Worker
+
+    paced = _OneAtATime(engine)
+    w = Worker(
+        EngineConfig(model=str(tiny_model)),
+        LocalSchedulerConfig(
+            num_groups=2, quota=3, max_engine_waiting=1, eviction_window_s=eviction_window_s
+        ),
+        rank=1,
+        engine=paced,
+    )
+    spec = SamplingSpec(max_tokens=2, ignore_eos=True)
+    n = (MAX_MODEL_LEN - 16) // engine.block_size * engine.block_size + 5
+    evicted = False
+    for i in range(engine.kv_capacity_tokens // n + 8):
+        SENT.append(_prompt(seed + i, n))
+        w.submit(Submit(f"fill{seed + i}", SENT[-1], spec))
+        msgs = []
+        while w.has_work():
+            msgs += w.step()
+        msgs += drain_worker(w, lambda m: False, timeout_s=0.3)
+        if any(e.kind is CacheEventKind.EVICTED for r in of_reports(msgs) for e in r.events):
+            evicted = True
+            break
+    assert evicted, "vLLM did not evict: the scenario needs a full cache"
+    assert w.under_cache_pressure() == (eviction_window_s > 0)
+    w.local = LocalScheduler(w.local_config)  # the scenario starts a round, whatever fill left
+
+    def send(rid: str, k: int, hot: bool) -> None:
+        SENT.append(_prompt(seed + 500 + k, 40))
+        w.submit(Submit(rid, SENT[-1], spec, cached_hint=40 if hot else 0))
+
+    send("hot-early", 0, True)
+    for i in range(4):
+        send(f"cold{i}", 1 + i, False)
+    while "cold0" not in paced.added:
+        w.step()
+    send("hot", 9, True)
+    while w.has_work():
+        w.step()
+    return [rid for rid in paced.added if not rid.startswith("fill")]
+
+
+def of_reports(msgs):
+    return [m for m in msgs if isinstance(m, CacheReport)]
+
+
+def test_worker_puts_a_queued_hit_first_while_real_vllm_evicts(engine, tiny_model):
+    # Quotas per round: group 1 (hits) 6, group 0 (cold) 3.
+    calm = _order_of_a_hit_during_a_cold_turn(engine, tiny_model, 0.0, seed=600)
+    assert calm == ["hot-early", "cold0", "cold1", "cold2", "hot", "cold3"]
+    evicting = _order_of_a_hit_during_a_cold_turn(engine, tiny_model, 600.0, seed=700)
+    assert evicting == ["hot-early", "cold0", "hot", "cold1", "cold2", "cold3"]
+
+
 def test_subscriber_replays_batches_the_sub_socket_missed():
     """vLLM's own publisher and msgspec types; a batch dropped by PUB/SUB (as vLLM's very first
     one is) comes back through the replay socket, and a batch gone for good is reported."""

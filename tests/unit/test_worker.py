@@ -116,13 +116,22 @@ class FakeEngine:
 
 
 def make_worker(
-    engine=None, clock=None, max_engine_waiting=4, num_groups=2, quota=1, stats_interval_s=1000.0
+    engine=None,
+    clock=None,
+    max_engine_waiting=4,
+    num_groups=2,
+    quota=1,
+    stats_interval_s=1000.0,
+    eviction_window_s=5.0,
 ):
     engine = engine or FakeEngine()
     return Worker(
         EngineConfig(model="fake"),
         LocalSchedulerConfig(
-            num_groups=num_groups, quota=quota, max_engine_waiting=max_engine_waiting
+            num_groups=num_groups,
+            quota=quota,
+            max_engine_waiting=max_engine_waiting,
+            eviction_window_s=eviction_window_s,
         ),
         rank=3,
         clock=clock or FakeClock(),
@@ -291,6 +300,56 @@ def test_mirror_of_stored_prefixes_raises_the_estimate_without_a_hint():
     engine.events = [CacheEvent(CacheEventKind.EVICTED, prefix[:4], block_tokens=4)]
     w.step()
     assert w.mirror.cached_tokens(prefix) == 0
+
+
+def _hit_during_a_cold_turn(evict: bool, clock=None) -> list[str]:
+    """A hit and four cold prompts; once the cold turn has begun another hit arrives, with or
+    without vLLM reporting an eviction just before. Returns the order vLLM got them."""
+    engine = FakeEngine(max_running=1)
+    # Quotas per round: group 1 (hits) 6, group 0 (cold) 3.
+    w = make_worker(engine, clock=clock, max_engine_waiting=1, num_groups=2, quota=3)
+    w.submit(submit("hot-early", hint=8, max_tokens=1))
+    for i in range(4):
+        w.submit(submit(f"cold{i}", max_tokens=1))
+    w.step()
+    w.step()
+    assert engine.added == ["hot-early", "cold0"]
+    w.submit(submit("hot", hint=8, max_tokens=1))
+    if evict:
+        engine.events = [CacheEvent(CacheEventKind.EVICTED, (9, 9, 9, 9), block_tokens=4)]
+    run_until_idle(w)
+    return engine.added
+
+
+def test_a_hit_waits_for_the_cold_turn_while_vllm_evicts_nothing():
+    order = _hit_during_a_cold_turn(evict=False)
+    assert order == ["hot-early", "cold0", "cold1", "cold2", "hot", "cold3"]
+
+
+def test_after_an_eviction_a_queued_hit_goes_before_the_rest_of_the_cold_turn():
+    # The eviction is seen in the step that admits cold1; the next admission takes the hit.
+    order = _hit_during_a_cold_turn(evict=True)
+    assert order == ["hot-early", "cold0", "cold1", "hot", "cold2", "cold3"]
+
+
+def test_cache_pressure_lasts_eviction_window_s_after_the_last_eviction():
+    clock = FakeClock()
+    engine = FakeEngine()
+    w = make_worker(engine, clock=clock, eviction_window_s=5.0)
+    assert not w.under_cache_pressure()
+    engine.events = [CacheEvent(CacheEventKind.STORED, (1, 2, 3, 4), block_tokens=4)]
+    w.step()
+    assert not w.under_cache_pressure()
+    engine.events = [CacheEvent(CacheEventKind.EVICTED, (1, 2, 3, 4), block_tokens=4)]
+    w.step()
+    clock.now += 4.9
+    assert w.under_cache_pressure()
+    clock.now += 0.1
+    assert not w.under_cache_pressure()
+    off = make_worker(FakeEngine(), eviction_window_s=0.0)
+    off.engine.events = [CacheEvent(CacheEventKind.EVICTED, (1, 2, 3, 4), block_tokens=4)]
+    off.step()
+    assert not off.under_cache_pressure()
 
 
 def test_timings_from_engine_timestamps_and_local_queue():
