@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from preble_hpc.config import SchedulerConfig, SimConfig  # noqa: E402
 from preble_hpc.rank0_scheduler.policy import POLICY_NAMES  # noqa: E402
-from preble_hpc.sim.cli import HEADER, format_row  # noqa: E402
-from preble_hpc.sim.cluster import simulate  # noqa: E402
+from preble_hpc.sim.cli import HEADER, format_row, refused_note  # noqa: E402
+from preble_hpc.sim.cluster import accept, simulate  # noqa: E402
 from preble_hpc.sim.workloads import (  # noqa: E402
     default_rate,
     ideal_hit_rate,
@@ -161,18 +161,24 @@ def _sweep(
 def _run_policies(
     name: str, rate: float, reqs: list, sim: SimConfig, gpus: int, lines: list[str]
 ) -> list[dict]:
-    """Every policy on the same requests: their rows, with the table lines added to ``lines``."""
-    ideal = ideal_hit_rate(reqs)
+    """Every policy on the same requests: their rows, with the table lines added to ``lines``.
+    The references (ideal, pooled) are over the requests rank 0 accepts, as the runs are."""
+    accepted, refused = accept(reqs, sim.max_model_len)
+    ideal = ideal_hit_rate(accepted)
     memory = gpus * sim.kv_capacity_tokens
-    pooled = round(pooled_lru_hit_rate(reqs, memory), 6)
-    oracle = round(pooled_oracle_hit_rate(reqs, memory), 6)
-    lines += [f"\n== {name}  rate {rate:g}/s  seed {sim.seed}  {len(reqs)} requests  {gpus} GPUs"]
+    pooled = round(pooled_lru_hit_rate(accepted, memory), 6)
+    oracle = round(pooled_oracle_hit_rate(accepted, memory), 6)
+    lines += [
+        f"\n== {name}  rate {rate:g}/s  seed {sim.seed}  {len(reqs)} requests  {gpus} GPUs"
+        + refused_note(refused, sim.max_model_len)
+    ]
     lines.append(HEADER)
     rows = []
     for pol in POLICY_NAMES:
         res = simulate(reqs, pol, replace(sim), SchedulerConfig(), ideal=ideal)
         row = res.row(name, rate)
         row["decisions"] = res.decisions
+        row["rejected"] = res.rejected
         row["pooled_lru_hit_rate"] = pooled
         row["pooled_oracle_hit_rate"] = oracle
         rows.append(row)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from preble_hpc.config import ConfigError, SchedulerConfig, SimConfig
 from preble_hpc.rank0_scheduler.policy import POLICY_NAMES
-from preble_hpc.sim.cluster import simulate
+from preble_hpc.sim.cluster import accept, simulate
 from preble_hpc.sim.workloads import (
     SimRequest,
     default_rate,
@@ -91,9 +91,11 @@ def run(args: argparse.Namespace, out=None) -> list[dict]:
         label = Path(name).stem if args.trace else name
         for rate in rates:
             reqs, rate_used = _requests(args, name, rate)
-            ideal = ideal_hit_rate(reqs)
+            accepted, refused = accept(reqs, sim.max_model_len)
+            ideal = ideal_hit_rate(accepted)
             print(
-                f"\n== {label}  rate {rate_used:g}/s  {len(reqs)} requests  {args.gpus} GPUs",
+                f"\n== {label}  rate {rate_used:g}/s  {len(reqs)} requests  {args.gpus} GPUs"
+                + refused_note(refused, sim.max_model_len),
                 file=out,
             )
             print(HEADER, file=out)
@@ -108,6 +110,13 @@ def run(args: argparse.Namespace, out=None) -> list[dict]:
     if args.plot:
         plot(rows, args.plot)
     return rows
+
+
+def refused_note(refused: int, max_model_len: int) -> str:
+    """What a table's header says of the requests rank 0 refuses (``accept``)."""
+    if not refused:
+        return ""
+    return f"  ({refused} refused: prompt >= max_model_len {max_model_len}, as rank 0 does)"
 
 
 def _requests(args, name: str, rate: float | None) -> tuple[list[SimRequest], float]:

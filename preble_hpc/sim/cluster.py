@@ -27,7 +27,7 @@ from preble_hpc.rank0_scheduler.scheduler import GlobalScheduler
 from preble_hpc.sim.engine import SimEngine, SimSeq
 from preble_hpc.sim.workloads import SimRequest, ideal_hit_rate
 
-__all__ = ["SimResult", "simulate"]
+__all__ = ["SimResult", "accept", "simulate"]
 
 _STEP, _STATS = 0, 1
 
@@ -48,6 +48,9 @@ class SimResult:
     imbalance: float
     sim_time_s: float
     wall_s: float
+    rejected: int = 0
+    """Requests rank 0 refused (prompt of max_model_len tokens or more); ``requests`` counts the
+    rest."""
     decisions: dict = field(default_factory=dict)
     busy_s: list[float] = field(default_factory=list)
     scheduler_stats: dict = field(default_factory=dict)
@@ -84,6 +87,27 @@ def _pct(sorted_v: list[float], q: float) -> float:
     return sorted_v[i]
 
 
+def accept(requests: Sequence[SimRequest], max_model_len: int) -> tuple[list[SimRequest], int]:
+    """What rank 0 lets into the cluster, as the live runtime validates a request: a prompt of
+    ``max_model_len`` tokens or more is refused (invalid_argument), and an output is cut to the
+    room left in the context (vLLM ends it with "length"). Returns the accepted requests and how
+    many were refused. (The Mooncake trace holds ten 134k-191k-token prompts that a 128k-context
+    engine refuses.)"""
+    accepted = []
+    for req in requests:
+        room = max_model_len - req.prompt_tokens
+        if room <= 0:
+            continue
+        if req.max_tokens > room or req.output_tokens > room:
+            req = replace(
+                req,
+                output_tokens=min(req.output_tokens, room),
+                max_tokens=min(req.max_tokens, room),
+            )
+        accepted.append(req)
+    return accepted, len(requests) - len(accepted)
+
+
 def simulate(
     requests: Sequence[SimRequest],
     policy: str,
@@ -92,16 +116,19 @@ def simulate(
     local: LocalSchedulerConfig | None = None,
     ideal: float | None = None,
 ) -> SimResult:
-    """Run ``requests`` (sorted by arrival) through ``policy`` on ``sim.gpus`` engines."""
+    """Run the ``requests`` rank 0 accepts (``accept``) through ``policy`` on ``sim.gpus``
+    engines, in arrival order."""
     sim = sim or SimConfig()
     sched_cfg = replace(sched or SchedulerConfig(), policy=policy)
     wall0 = time.perf_counter()
-    reqs = sorted(requests, key=lambda q: q.arrival)
+    accepted, rejected = accept(requests, sim.max_model_len)
+    reqs = sorted(accepted, key=lambda q: q.arrival)
     if not reqs:
-        raise ValueError("no requests to simulate")
+        refused = f" ({rejected} refused: prompt >= max_model_len)" if rejected else ""
+        raise ValueError("no requests to simulate" + refused)
     run = _Run(reqs, sim, sched_cfg, local or LocalSchedulerConfig())
     run.run()
-    return run.result(policy, ideal, wall0)
+    return replace(run.result(policy, ideal, wall0), rejected=rejected)
 
 
 class _Run:

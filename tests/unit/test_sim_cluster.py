@@ -9,7 +9,7 @@ import pytest
 
 from preble_hpc.config import SimConfig
 from preble_hpc.sim import cli
-from preble_hpc.sim.cluster import simulate
+from preble_hpc.sim.cluster import accept, simulate
 from preble_hpc.sim.workloads import Piece, SimRequest, make_workload, poisson_arrivals
 
 KEYS = {
@@ -65,6 +65,25 @@ def test_overload_leaves_requests_unfinished_at_the_horizon():
     assert 0 < res.finished < res.requests
 
 
+def test_rank_0_refuses_prompts_over_max_model_len_and_caps_outputs_to_the_room_left():
+    doc = Piece(1, 100)
+    reqs = [
+        SimRequest("fits", 0.0, (doc,), 20, 20),
+        SimRequest("capped", 0.1, (doc, Piece(2, 20)), 20, 30),
+        SimRequest("refused", 0.2, (doc, Piece(3, 28)), 1, 1),
+    ]
+    accepted, refused = accept(reqs, max_model_len=128)
+    assert refused == 1
+    assert [(r.request_id, r.output_tokens, r.max_tokens) for r in accepted] == [
+        ("fits", 20, 20),
+        ("capped", 8, 8),
+    ]
+    res = simulate(reqs, "e2", SimConfig(gpus=1, max_model_len=128))
+    assert (res.requests, res.rejected, res.finished) == (2, 1, 2)
+    with pytest.raises(ValueError, match="1 refused: prompt >= max_model_len"):
+        simulate(reqs[2:], "e2", SimConfig(gpus=1, max_model_len=128))
+
+
 @pytest.mark.parametrize("policy", ["least_load", "prefix_affinity", "sglang_cache_aware",
                                     "dynamo_kv", "llmd_scorer"])  # fmt: skip
 def test_every_policy_runs_in_the_simulator(policy):
@@ -104,6 +123,17 @@ def test_cli_rejects_an_unknown_policy_and_replays_a_trace(tmp_path, capsys):
     assert cli.main(["--trace", str(trace), "--gpus", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["finished"] for r in rows] == [40, 40] and rows[0]["workload"] == "t"
+    long = tmp_path / "long.jsonl"
+    long.write_text(trace.read_text() + "\n" + json.dumps(
+        {"timestamp": 4000, "input_length": 140_000, "output_length": 4,
+         "hash_ids": list(range(1000, 1274))}
+    ))  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(["--trace", str(long), "--gpus", "2", "--json", str(out)]) == 0
+    assert "41 requests  2 GPUs  (1 refused: prompt >= max_model_len 131072" in (
+        capsys.readouterr().out
+    )
+    assert [r["finished"] for r in json.loads(out.read_text())["rows"]] == [40, 40]
 
 
 def test_cli_names_a_bad_trace_line_and_exits_2(tmp_path, capsys):
