@@ -25,3 +25,12 @@ def test_scheduler_flags_reach_the_scheduler_config_and_the_rest_keep_defaults()
 def test_a_bad_scheduler_flag_is_a_config_error_naming_it():
     with pytest.raises(ConfigError, match="new_prefix_slack must be >= 0, got -1.0"):
         _job("--new-prefix-slack", "-1")
+
+
+def test_eviction_window_flag_reaches_the_local_scheduler_and_a_negative_one_is_refused():
+    assert _job("--eviction-window-s", "2.5").local.eviction_window_s == 2.5
+    assert _job("--eviction-window-s", "0").local.eviction_window_s == 0.0
+    with pytest.raises(
+        ConfigError, match="eviction_window_s must be >= 0 .0 turns it off., got -1"
+    ):
+        _job("--eviction-window-s", "-1")
