@@ -268,9 +268,10 @@ class SimEngine:
         self.bs = cfg.block_size
         self.cache = BlockCache(cfg.kv_capacity_tokens // cfg.block_size, cfg.block_size)
         self.ls = LocalScheduler(local)
+        # When the cache last evicted blocks: the local scheduler's cache-pressure signal, as the
+        # worker takes it from vLLM's KV events.
         self.eviction_window_s = local.eviction_window_s
-        self.evicted_at = -math.inf  # when the cache last evicted blocks (the local scheduler's
-        # cache-pressure signal, as the worker takes it from vLLM's KV events)
+        self.evicted_at = -math.inf
         self.pending: SimSeq | None = None  # taken from the local scheduler, waiting for memory
         self.prefilling: deque[SimSeq] = deque()
         self.decoding: list[tuple[int, int, SimSeq]] = []  # heap by end_step
