@@ -187,7 +187,8 @@ def _run_policies(
 
 
 def _compare_one(a: tuple) -> dict:
-    return compare_one(*a)
+    # The job's arguments go with its result so that --resume reuses only what matches.
+    return {**compare_one(*a), "job": list(a)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -224,6 +225,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="workloads simulated in parallel")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "compare_policies.json"))
     p.add_argument("--replot", action="store_true", help="only redraw the plot of --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the workloads an interrupted run of the same arguments finished (its "
+        "<out>.partial.jsonl) and run only the rest",
+    )
     return p
 
 
@@ -250,12 +257,28 @@ def _fixed_rates(p: argparse.ArgumentParser, args: argparse.Namespace, names: li
     return fixed
 
 
-def _run_all(jobs: list[tuple], n_jobs: int, partial: Path) -> list[dict]:
+def _finished(partial: Path, jobs: list[tuple]) -> list[dict]:
+    """The results in ``partial`` whose job is one of ``jobs``, argument for argument."""
+    if not partial.is_file():
+        return []
+    wanted = [list(j) for j in jobs]
+    done = (json.loads(line) for line in partial.read_text().splitlines() if line.strip())
+    return [r for r in done if r.get("job") in wanted]
+
+
+def _run_all(jobs: list[tuple], n_jobs: int, partial: Path, resume: bool = False) -> list[dict]:
     """Every workload's comparison (in parallel with ``n_jobs`` > 1), printed and appended to
-    ``partial`` as each ends, so that what is done survives an interrupted run."""
+    ``partial`` as each ends, so that what is done survives an interrupted run; with ``resume``
+    the jobs ``partial`` already holds are taken from it instead of run again."""
     partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_text("")
-    results: list[dict] = []
+    kept = _finished(partial, jobs) if resume else []
+    partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    results: list[dict] = list(kept)
+    if kept:
+        print(f"resumed {', '.join(r['name'] for r in kept)} from {partial}", flush=True)
+    jobs = [j for j in jobs if list(j) not in [r["job"] for r in kept]]
+    if not jobs:
+        return results
 
     def take(r: dict) -> None:
         print("\n".join(r["lines"]), flush=True)
@@ -300,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for n in names
     ]
-    results = _run_all(jobs, args.jobs, out.with_suffix(".partial.jsonl"))
+    results = _run_all(jobs, args.jobs, out.with_suffix(".partial.jsonl"), args.resume)
     order = {n: i for i, n in enumerate(names)}
     rows = sorted((x for r in results for x in r["rows"]), key=lambda x: order[x["workload"]])
     seed_rows = sorted(

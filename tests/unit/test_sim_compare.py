@@ -186,3 +186,26 @@ def test_where_no_rate_holds_the_comparison_runs_at_the_lowest_one_tried(monkeyp
     r = compare.compare_one("videoqa", 2, 10.0, 0.1, 0, sweep_seeds=1)
     assert [row["rate"] for row in r["sweep"]] == [10.0, 9.0, 8.0, 7.0, 6.0, 5.0]
     assert r["rate"] == 5.0 and "does not finish every request even at 5/s" in r["lines"][6]
+
+
+def test_resume_reruns_only_the_workloads_an_interrupted_run_left(tmp_path, monkeypatch):
+    out = tmp_path / "c.json"
+    args = ["--gpus", "2", "--duration", "5", "--workloads", "loogle,apps", "--out", str(out)]
+    args += ["--rates-from", str(tmp_path / "rates.json")]
+    (tmp_path / "rates.json").write_text(json.dumps({"selected_rates": {"loogle": 3, "apps": 2}}))
+    assert compare.main(args) == 0
+    first = json.loads(out.read_text())
+    partial = out.with_suffix(".partial.jsonl")
+    loogle_line, apps_line = partial.read_text().splitlines()  # one job at a time: in order
+    stale = json.loads(apps_line) | {"job": ["apps", 2, 99.0, 0.1, 0, 3, 2, 1]}
+    partial.write_text(loogle_line + "\n" + json.dumps(stale) + "\n")  # apps: other arguments
+    ran: list[str] = []
+    real = compare.compare_one
+    monkeypatch.setattr(compare, "compare_one", lambda *a, **k: ran.append(a[0]) or real(*a, **k))
+    assert compare.main([*args, "--resume"]) == 0
+    assert ran == ["apps"]
+    assert json.loads(out.read_text())["rows"] == first["rows"]
+    assert sorted(json.loads(x)["name"] for x in partial.read_text().splitlines()) == [
+        "apps",
+        "loogle",
+    ]
