@@ -271,7 +271,7 @@ def _run_all(jobs: list[tuple], n_jobs: int, partial: Path, resume: bool = False
     ``partial`` as each ends, so that what is done survives an interrupted run; with ``resume``
     the jobs ``partial`` already holds are taken from it instead of run again."""
     partial.parent.mkdir(parents=True, exist_ok=True)
-    kept = _finished(partial, jobs) if resume else []
+    kept = [r | {"resumed": True} for r in _finished(partial, jobs)] if resume else []
     partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
     results: list[dict] = list(kept)
     if kept:
@@ -336,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     if seeds_summary:
         print_seeds_summary(seeds_summary)
     doc = {
-        "config": _config(args, time.perf_counter() - t0),
+        "config": {
+            **_config(args, time.perf_counter() - t0),
+            # wall_s is this invocation's: it excludes the time of the resumed workloads
+            "resumed": [r["name"] for r in results if r.get("resumed")],
+        },
         "selected_rates": {r["name"]: r["rate"] for r in results},
         "summary": summary,
         "seeds_summary": seeds_summary,

@@ -204,6 +204,7 @@ def test_resume_reruns_only_the_workloads_an_interrupted_run_left(tmp_path, monk
     monkeypatch.setattr(compare, "compare_one", lambda *a, **k: ran.append(a[0]) or real(*a, **k))
     assert compare.main([*args, "--resume"]) == 0
     assert ran == ["apps"]
+    assert json.loads(out.read_text())["config"]["resumed"] == ["loogle"]
     assert json.loads(out.read_text())["rows"] == first["rows"]
     assert sorted(json.loads(x)["name"] for x in partial.read_text().splitlines()) == [
         "apps",
