@@ -43,7 +43,8 @@ def read(stub: pb_grpc.PrebleStub, i: int, max_tokens: int) -> dict:
         sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
     )
     try:
-        for response in stub.Generate(request, timeout=600):
+        # A deadline past test_slurm.DRAIN_TIMEOUT_S: rank 0's drain bound, not ours, ends it.
+        for response in stub.Generate(request, timeout=1200):
             got = len(response.delta.token_ids)
             if tokens == 0 and got:
                 emit({"event": "first_token", "request": i, "tokens": got})
