@@ -95,6 +95,12 @@ _SCHEDULER_FLAGS = (
         float,
     ),
     _Flag(
+        "--explore-prefill-window-s",
+        "explore_prefill_window_s",
+        "E2 explores price decode beside the prefill placed in this window (0: off)",
+        float,
+    ),
+    _Flag(
         "--new-prefix-min-hit-ratio",
         "new_prefix_min_hit_ratio",
         "mean hit ratio of the ranks from which new prefixes are spread",

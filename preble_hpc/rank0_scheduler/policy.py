@@ -15,7 +15,7 @@ import enum
 import math
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from preble_hpc.config import ConfigError, SchedulerConfig
 
@@ -121,6 +121,9 @@ class PolicyInput:
     decode_cost: Callable[[int], float] | None = None
     """D_i: this request's decode time on rank i plus what its decoding adds to the sequences
     already there. ``None``: 0."""
+    explore_decode_cost: Callable[[int], float] | None = None
+    """D_i as E2 prices it when exploring, where that differs from ``decode_cost`` (see
+    ``SchedulerConfig.explore_prefill_window_s``). ``None``: ``decode_cost``."""
     eviction_cost_above: Callable[[int, float], float] | None = None
     """``(rank, bound) -> M_i``, allowed to stop early and return any value above ``bound`` once
     ``M_i`` exceeds it (``cheapest`` passes what would already lose). ``None``: the full
@@ -268,6 +271,8 @@ def e2(inp: PolicyInput, config: SchedulerConfig) -> Decision:
             f"L+M+P={cost:.4f}s",
             cached,
         )
+    if inp.explore_decode_cost is not None:
+        inp = replace(inp, decode_cost=inp.explore_decode_cost)
     rank, cost = cheapest(inp, inp.ranks)
     assert rank is not None
     if _spreads_new_prefix(inp, config):

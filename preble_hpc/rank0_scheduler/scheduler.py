@@ -53,6 +53,9 @@ __all__ = ["GlobalScheduler", "DEFAULT_BLOCK_SIZE"]
 
 #: vLLM's KV block size on GPU, used for a rank until its WorkerReady gives the real one.
 DEFAULT_BLOCK_SIZE = 16
+#: Cap of rho in E2's explore decode term D / (1 - rho): a rank fed prefill without pause still
+#: decodes (chunked prefill shares every step), at ~10x the cost, not at an infinite one.
+MAX_PREFILL_SHARE = 0.9
 
 
 @dataclass(slots=True)
@@ -135,6 +138,10 @@ class GlobalScheduler:
         # arrival rate, for E2's queue term (see ``policy.e2``).
         self._placements: deque[tuple[float, int]] = deque()
         self._placed: dict[int, int] = {}
+        # Per rank, the prefill seconds placed in the last explore_prefill_window_s (when on):
+        # (time, seconds) in order, and their sum.
+        self._placed_prefill: dict[int, deque[tuple[float, float]]] = {}
+        self._placed_prefill_s: dict[int, float] = {}
         self._has_stats: set[int] = set()
         # Mean completion / max_tokens of finished requests (output length estimate), smoothed with
         # the cost fit's forgetting factor.
@@ -168,6 +175,8 @@ class GlobalScheduler:
         self._prefilling[rank] = 0
         self._decoding[rank] = 0
         self._context[rank] = 0
+        self._placed_prefill[rank] = deque()
+        self._placed_prefill_s[rank] = 0.0
         self.loads.add_rank(rank)
 
     def on_worker_ready(self, msg: WorkerReady) -> None:
@@ -198,6 +207,8 @@ class GlobalScheduler:
             self._prefilling,
             self._decoding,
             self._context,
+            self._placed_prefill,
+            self._placed_prefill_s,
         ):
             del table[rank]
         self._has_stats.discard(rank)
@@ -247,6 +258,11 @@ class GlobalScheduler:
             # in each of the steps of the in-flight requests it shares them with.
             return out_tokens * (step_base + per_token * (context[rank] + n + n * in_flight[rank]))
 
+        def explore_decode_cost(rank: int) -> float:
+            return decode_cost(rank) / (1.0 - self._placed_prefill_share(rank, now))
+
+        explore = explore_decode_cost if self.config.explore_prefill_window_s else None
+
         return PolicyInput(
             queued_behind=self._queued_behind(now),
             ranks=self._live,
@@ -269,6 +285,7 @@ class GlobalScheduler:
             backlog=self._backlog,
             decoding=self._decoding,
             decode_cost=decode_cost,
+            explore_decode_cost=explore,
             prefill_overhead=self.cost.prefill_base_s,
             deepest_holders=m.holders,
         )
@@ -292,12 +309,26 @@ class GlobalScheduler:
         span) times its prefill backlog."""
         return self._placed.get(rank, 0) * self._per_placement_s * self._backlog[rank]
 
-    def _record_placement(self, rank: int, now: float) -> None:
+    def _record_placement(self, rank: int, now: float, prefill_s: float) -> None:
         placements, placed = self._placements, self._placed
         placements.append((now, rank))
         placed[rank] = placed.get(rank, 0) + 1
         if len(placements) > self.config.arrival_window:
             placed[placements.popleft()[1]] -= 1
+        if self.config.explore_prefill_window_s:
+            self._placed_prefill[rank].append((now, prefill_s))
+            self._placed_prefill_s[rank] += prefill_s
+
+    def _placed_prefill_share(self, rank: int, now: float) -> float:
+        """rho: prefill seconds placed on ``rank`` per second over the last
+        ``explore_prefill_window_s``, at most ``MAX_PREFILL_SHARE``."""
+        window = self.config.explore_prefill_window_s
+        recent = self._placed_prefill[rank]
+        while recent and recent[0][0] <= now - window:
+            self._placed_prefill_s[rank] -= recent.popleft()[1]
+        if not recent:
+            self._placed_prefill_s[rank] = 0.0  # no float residue once the window is empty
+        return min(MAX_PREFILL_SHARE, self._placed_prefill_s[rank] / window)
 
     def schedule(self, request_id: str, token_ids: Sequence[int], max_tokens: int) -> Decision:
         """Place one request; records it in flight on the chosen rank and marks that rank as
@@ -337,7 +368,7 @@ class GlobalScheduler:
         self._prefilling[rank] += 1
         self._active_prefill[rank] += new_tokens
         self._active_blocks[rank] += blocks
-        self._record_placement(rank, now)
+        self._record_placement(rank, now, prefill)
         self.decisions[d.kind.value] += 1
         return d
 

@@ -19,6 +19,7 @@ def _job(*argv: str):
 def test_scheduler_flags_reach_the_scheduler_config_and_the_rest_keep_defaults():
     job = _job("--new-prefix-slack", "0.5", "--rebalance-ratio", "2")
     assert (job.scheduler.new_prefix_slack, job.scheduler.rebalance_ratio) == (0.5, 2.0)
+    assert _job("--explore-prefill-window-s", "30").scheduler.explore_prefill_window_s == 30.0
     assert job.scheduler.window_s == SchedulerConfig().window_s
 
 

@@ -203,6 +203,22 @@ def test_e2_counts_the_decode_cost_of_the_rank():
     assert e2(inp, CFG).rank == 2  # P = 1.0 s everywhere: 3.0, 1.5, 2.0
 
 
+def test_e2_explore_prices_decode_with_the_explore_term_and_exploit_does_not():
+    plain = {1: 0.5, 2: 1.0, 3: 1.0}
+    slowed = {1: 5.0, 2: 1.0, 3: 1.0}  # rank 1 takes prefill without pause: decode there is slow
+    over = dict(decode_cost=plain.__getitem__, explore_decode_cost=slowed.__getitem__)
+    # An explore (P = 1.0 s everywhere): 6.0, 2.0, 2.0 s with the explore term; rank 2 (ties:
+    # lowest rank).
+    assert e2(make_input(**over), CFG).rank == 2
+    assert e2(make_input(decode_cost=plain.__getitem__), CFG).rank == 1
+    # An exploit between holders 1 and 2 keeps the plain term: 0.4 + 0.5 against 0.4 + 1.0 s.
+    holders = dict(cached={1: 600, 2: 600}, **over)
+    assert (e2(make_input(**holders), CFG).rank, e2(make_input(**holders), CFG).kind) == (
+        1,
+        DecisionKind.EXPLOIT,
+    )
+
+
 #: Ranks whose windowed hit ratio says prompts are mostly reused (below decode-heavy's 0.7).
 REUSING = {1: 0.6, 2: 0.6, 3: 0.6}
 
@@ -245,6 +261,11 @@ def test_e2_a_prefix_every_rank_holds_does_not_count_as_a_home():
     over = dict(load={1: 0.0, 2: 0.1, 3: 0.0}, tree_tokens={1: 500, 2: 100, 3: 900})
     d = e2(make_input(cached={1: 100, 2: 100, 3: 100}, hit_ratio=REUSING, **over), CFG)
     assert d.rank == 2 and d.cached_tokens == 100
+
+
+def test_explore_prefill_window_is_validated():
+    with pytest.raises(ConfigError, match=r"explore_prefill_window_s must be >= 0 \(0 turns it"):
+        SchedulerConfig(explore_prefill_window_s=-1.0)
 
 
 def test_new_prefix_knobs_are_validated():

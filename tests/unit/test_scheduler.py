@@ -310,3 +310,28 @@ def test_arrival_rate_counts_each_ranks_share_of_the_latest_placements():
 def test_arrival_window_must_hold_two_placements():
     with pytest.raises(ConfigError, match="arrival_window must be >= 2"):
         SchedulerConfig(arrival_window=1)
+
+
+def test_explore_decode_term_is_slowed_by_the_prefill_placed_in_the_window():
+    s, clock = make(ranks=(1, 2), explore_prefill_window_s=10.0)
+    assert s.schedule("a", list(range(4000)), 64).rank == 1  # ties: lowest rank
+    placed = s._requests["a"].prefill_s
+    inp = s._policy_input(100, 64, 64, s.tree.match(list(range(300_000, 300_100))), clock.t)
+    assert inp.explore_decode_cost is not None and inp.decode_cost is not None
+    rho = placed / 10.0
+    assert inp.explore_decode_cost(1) == pytest.approx(inp.decode_cost(1) / (1 - rho))
+    assert inp.explore_decode_cost(2) == inp.decode_cost(2)  # nothing placed on rank 2
+    clock.t = 10.0  # the placement leaves the window
+    inp = s._policy_input(100, 64, 64, s.tree.match(list(range(300_000, 300_100))), clock.t)
+    assert inp.explore_decode_cost(1) == inp.decode_cost(1)
+
+
+def test_explore_decode_term_caps_rho_and_is_off_by_default():
+    s, clock = make(ranks=(1, 2), explore_prefill_window_s=0.001)
+    s.schedule("a", list(range(4000)), 64)  # far more than 0.001 s of prefill
+    inp = s._policy_input(100, 64, 64, s.tree.match(list(range(300_000, 300_100))), clock.t)
+    assert inp.explore_decode_cost(1) == pytest.approx(inp.decode_cost(1) / (1 - 0.9))
+    off, _ = make(ranks=(1, 2))
+    off.schedule("a", list(range(4000)), 64)
+    inp = off._policy_input(100, 64, 64, off.tree.match(list(range(300_000, 300_100))), 0.0)
+    assert inp.explore_decode_cost is None
