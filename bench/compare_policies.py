@@ -27,7 +27,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from preble_hpc.config import SchedulerConfig, SimConfig  # noqa: E402
+from preble_hpc.config import ConfigError, SchedulerConfig, SimConfig  # noqa: E402
 from preble_hpc.rank0_scheduler.policy import POLICY_NAMES  # noqa: E402
 from preble_hpc.sim.cli import HEADER, format_row, refused_note  # noqa: E402
 from preble_hpc.sim.cluster import accept, simulate  # noqa: E402
@@ -80,13 +80,16 @@ def compare_one(
     sweep_seeds: int = 1,
     fixed_rate: float | None = None,
     eval_seeds: int = 1,
+    sched: dict | None = None,
 ) -> dict:
     """Sweep E2 over rates for one workload, then run every policy at the highest rate where E2
     finishes every request on each of ``sweep_seeds`` seeds (seed, seed + 1, ...): a rate that
     only one lucky seed gets through is past saturation, and its p99 is over the survivors.
     ``fixed_rate`` skips the sweep. The comparison runs on ``seed`` (its rows: ``rows``) and,
     with ``eval_seeds`` > 1, on the seeds after it too (every seed's rows: ``seed_rows``).
+    ``sched`` overrides ``SchedulerConfig`` fields for every run (E2's and the baselines').
     Returns those rows, the sweep rows, the rate and the printed lines."""
+    cfg = SchedulerConfig(**(sched or {}))
     lines: list[str] = []
     sweep: list[dict] = []
     base = base_rate(name, gpus)
@@ -98,16 +101,16 @@ def compare_one(
 
     rate = fixed_rate
     if rate is None:
-        rate = _sweep(name, base, seed, sweep_seeds, setup, sweep, lines)
+        rate = _sweep(name, base, seed, sweep_seeds, setup, sweep, lines, cfg)
     if rate is None:
         rate = round(base * BELOW[-1], 3)
         lines.append(f"  {name}: E2 does not finish every request even at {rate:g}/s")
     reqs, sim = setup(rate)
-    rows = _run_policies(name, rate, reqs, sim, gpus, lines)
+    rows = _run_policies(name, rate, reqs, sim, gpus, lines, cfg)
     seed_rows = [{**row, "seed": seed} for row in rows]
     for s in range(seed + 1, seed + eval_seeds):
         more_reqs, more_sim = setup(rate, s)
-        more = _run_policies(name, rate, more_reqs, more_sim, gpus, lines)
+        more = _run_policies(name, rate, more_reqs, more_sim, gpus, lines, cfg)
         seed_rows += [{**row, "seed": s} for row in more]
     return {
         "name": name,
@@ -127,6 +130,7 @@ def _sweep(
     setup: Callable[..., tuple[list, SimConfig]],
     sweep: list[dict],
     lines: list[str],
+    cfg: SchedulerConfig,
 ) -> float | None:
     """The highest rate (a multiple of ``base``) where E2 finishes every request on each sweep
     seed, or None: up through MULTIPLIERS while the rate holds, and when Preble's own rate does
@@ -136,7 +140,7 @@ def _sweep(
         rate = round(base * m, 3)
         for s in range(seed, seed + sweep_seeds):
             reqs, sim = setup(rate, s)
-            res = simulate(reqs, "e2", sim, SchedulerConfig())
+            res = simulate(reqs, "e2", sim, cfg)
             sweep.append({**res.row(name, rate), "seed": s})
             lines.append(
                 f"  sweep {name} x{m:g} rate {rate:g} seed {s}: e2 finished "
@@ -159,7 +163,13 @@ def _sweep(
 
 
 def _run_policies(
-    name: str, rate: float, reqs: list, sim: SimConfig, gpus: int, lines: list[str]
+    name: str,
+    rate: float,
+    reqs: list,
+    sim: SimConfig,
+    gpus: int,
+    lines: list[str],
+    cfg: SchedulerConfig,
 ) -> list[dict]:
     """Every policy on the same requests: their rows, with the table lines added to ``lines``.
     The references (ideal, pooled) are over the requests rank 0 accepts, as the runs are."""
@@ -175,7 +185,7 @@ def _run_policies(
     lines.append(HEADER)
     rows = []
     for pol in POLICY_NAMES:
-        res = simulate(reqs, pol, replace(sim), SchedulerConfig(), ideal=ideal)
+        res = simulate(reqs, pol, replace(sim), cfg, ideal=ideal)
         row = res.row(name, rate)
         row["decisions"] = res.decisions
         row["rejected"] = res.rejected
@@ -222,6 +232,14 @@ def _parser() -> argparse.ArgumentParser:
         "--rates-from",
         help="an earlier output JSON: run each workload at its selected rate there (no sweep)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a SchedulerConfig field for every run, e.g. --set "
+        "explore_prefill_window_s=30 (repeatable)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="workloads simulated in parallel")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "compare_policies.json"))
     p.add_argument("--replot", action="store_true", help="only redraw the plot of --out")
@@ -242,6 +260,28 @@ def _check_seeds(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--sweep-seeds must be >= 1")
     if args.eval_seeds < 1:
         p.error("--eval-seeds must be >= 1")
+
+
+def _overrides(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
+    """``--set FIELD=VALUE`` pairs as SchedulerConfig fields, each value of its default's type;
+    an unknown field or an invalid value is a usage error."""
+    defaults = SchedulerConfig()
+    out: dict = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not hasattr(defaults, key):
+            known = ", ".join(sorted(f.name for f in fields(SchedulerConfig)))
+            p.error(f"--set {pair}: expected FIELD=VALUE with FIELD one of {known}")
+        kind = type(getattr(defaults, key))
+        try:
+            out[key] = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
+        except ValueError:
+            p.error(f"--set {pair}: {text!r} is not a {kind.__name__}")
+    try:
+        SchedulerConfig(**out)
+    except ConfigError as exc:
+        p.error(f"--set: {exc}")
+    return out
 
 
 def _fixed_rates(p: argparse.ArgumentParser, args: argparse.Namespace, names: list[str]) -> dict:
@@ -310,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [w for w in args.workloads.split(",") if w]
     _check_seeds(p, args)
     fixed = _fixed_rates(p, args, names)
+    sched = _overrides(p, args.set)
     jobs = [
         (
             n,
@@ -320,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             args.sweep_seeds,
             fixed.get(n),
             args.eval_seeds,
+            sched,
         )
         for n in names
     ]
@@ -340,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             **_config(args, time.perf_counter() - t0),
             # wall_s is this invocation's: it excludes the time of the resumed workloads
             "resumed": [r["name"] for r in results if r.get("resumed")],
+            "scheduler_overrides": sched,
         },
         "selected_rates": {r["name"]: r["rate"] for r in results},
         "summary": summary,

@@ -210,3 +210,35 @@ def test_resume_reruns_only_the_workloads_an_interrupted_run_left(tmp_path, monk
         "apps",
         "loogle",
     ]
+
+
+def test_set_overrides_the_scheduler_config_of_every_run(tmp_path, monkeypatch):
+    seen: list = []
+    real = compare.simulate
+    monkeypatch.setattr(compare, "simulate", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    out = tmp_path / "c.json"
+    (tmp_path / "rates.json").write_text(json.dumps({"selected_rates": {"loogle": 3}}))
+    args = ["--gpus", "2", "--duration", "5", "--workloads", "loogle", "--out", str(out)]
+    args += ["--rates-from", str(tmp_path / "rates.json")]
+    args += ["--set", "explore_prefill_window_s=30", "--set", "online_fit=false"]
+    assert compare.main(args) == 0
+    assert len(seen) == len(compare.POLICY_NAMES)
+    assert {(c.explore_prefill_window_s, c.online_fit) for c in seen} == {(30.0, False)}
+    overrides = json.loads(out.read_text())["config"]["scheduler_overrides"]
+    assert overrides == {"explore_prefill_window_s": 30.0, "online_fit": False}
+
+
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [
+        ("no_such_field=1", "--set no_such_field=1: expected FIELD=VALUE with FIELD one of"),
+        ("new_prefix_slack", "--set new_prefix_slack: expected FIELD=VALUE"),
+        ("new_prefix_slack=wide", "--set new_prefix_slack=wide: 'wide' is not a float"),
+        ("new_prefix_slack=-1", "--set: SchedulerConfig.new_prefix_slack must be >= 0"),
+    ],
+)
+def test_a_bad_set_is_a_usage_error_naming_it(pair, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        compare.main(["--workloads", "loogle", "--set", pair])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
