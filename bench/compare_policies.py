@@ -262,20 +262,24 @@ def _check_seeds(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--eval-seeds must be >= 1")
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
 def _overrides(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
     """``--set FIELD=VALUE`` pairs as SchedulerConfig fields, each value of its default's type;
     an unknown field or an invalid value is a usage error."""
     defaults = SchedulerConfig()
+    known = {f.name for f in fields(SchedulerConfig)}
     out: dict = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
-        if not sep or not hasattr(defaults, key):
-            known = ", ".join(sorted(f.name for f in fields(SchedulerConfig)))
-            p.error(f"--set {pair}: expected FIELD=VALUE with FIELD one of {known}")
+        if not sep or key not in known:
+            names = ", ".join(sorted(known))
+            p.error(f"--set {pair}: expected FIELD=VALUE with FIELD one of {names}")
         kind = type(getattr(defaults, key))
         try:
-            out[key] = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
-        except ValueError:
+            out[key] = _BOOLS[text.lower()] if kind is bool else kind(text)
+        except (KeyError, ValueError):
             p.error(f"--set {pair}: {text!r} is not a {kind.__name__}")
     try:
         SchedulerConfig(**out)

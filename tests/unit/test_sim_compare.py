@@ -234,6 +234,8 @@ def test_set_overrides_the_scheduler_config_of_every_run(tmp_path, monkeypatch):
         ("no_such_field=1", "--set no_such_field=1: expected FIELD=VALUE with FIELD one of"),
         ("new_prefix_slack", "--set new_prefix_slack: expected FIELD=VALUE"),
         ("new_prefix_slack=wide", "--set new_prefix_slack=wide: 'wide' is not a float"),
+        ("__doc__=x", "--set __doc__=x: expected FIELD=VALUE with FIELD one of"),
+        ("online_fit=flase", "--set online_fit=flase: 'flase' is not a bool"),
         ("new_prefix_slack=-1", "--set: SchedulerConfig.new_prefix_slack must be >= 0"),
     ],
 )
