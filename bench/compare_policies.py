@@ -320,7 +320,8 @@ def _run_all(jobs: list[tuple], n_jobs: int, partial: Path, resume: bool = False
     results: list[dict] = list(kept)
     if kept:
         print(f"resumed {', '.join(r['name'] for r in kept)} from {partial}", flush=True)
-    jobs = [j for j in jobs if list(j) not in [r["job"] for r in kept]]
+    done = [r["job"] for r in kept]
+    jobs = [j for j in jobs if list(j) not in done]
     if not jobs:
         return results
 
