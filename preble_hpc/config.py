@@ -140,12 +140,12 @@ class SchedulerConfig:
     tokens are never reused (the Mooncake trace: 0.3, most prompts short and unique), and moving
     a prompt off the cheapest rank buys nothing later. It also keeps the cold start, before any
     hit, to the plain cost."""
-    explore_prefill_window_s: float = 0.0
-    """Off by default (0), under evaluation: when E2 explores, it prices the request's decode on a
-    rank as slowed by the prefill it placed there in the last this-many seconds, D / (1 - rho)
-    with rho the placed prefill seconds per second (capped at 0.9): a request that decodes where
-    long prompts keep going decodes beside their chunks (the Mooncake trace's slowest requests).
-    Exploits keep the plain D: a holder's placed prefill is mostly its own hits' suffixes."""
+    explore_prefill_window_s: float = 30.0
+    """When E2 explores, it prices the request's decode on a rank as slowed by the prefill it
+    placed there in the last this-many seconds, D / (1 - rho) with rho the placed prefill seconds
+    per second (capped at 0.9): a request that decodes where long prompts keep going decodes
+    beside their chunks (the Mooncake trace's slowest requests). Exploits keep the plain D: a
+    holder's placed prefill is mostly its own hits' suffixes. 0 turns it off."""
     tree_capacity_tokens: int = 4_000_000
     """Cap of the global radix tree in tokens; least-recently-used nodes no rank holds go first."""
     online_fit: bool = True

@@ -326,12 +326,13 @@ def test_explore_decode_term_is_slowed_by_the_prefill_placed_in_the_window():
     assert inp.explore_decode_cost(1) == inp.decode_cost(1)
 
 
-def test_explore_decode_term_caps_rho_and_is_off_by_default():
+def test_explore_decode_term_caps_rho_is_on_by_default_and_zero_turns_it_off():
     s, clock = make(ranks=(1, 2), explore_prefill_window_s=0.001)
     s.schedule("a", list(range(4000)), 64)  # far more than 0.001 s of prefill
     inp = s._policy_input(100, 64, 64, s.tree.match(list(range(300_000, 300_100))), clock.t)
     assert inp.explore_decode_cost(1) == pytest.approx(inp.decode_cost(1) / (1 - 0.9))
-    off, _ = make(ranks=(1, 2))
+    assert SchedulerConfig().explore_prefill_window_s == 30.0
+    off, _ = make(ranks=(1, 2), explore_prefill_window_s=0.0)
     off.schedule("a", list(range(4000)), 64)
     inp = off._policy_input(100, 64, 64, off.tree.match(list(range(300_000, 300_100))), 0.0)
     assert inp.explore_decode_cost is None
