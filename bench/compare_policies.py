@@ -238,7 +238,7 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FIELD=VALUE",
         help="override a SchedulerConfig field for every run, e.g. --set "
-        "explore_prefill_window_s=30 (repeatable)",
+        "explore_prefill_window_s=0 (repeatable)",
     )
     p.add_argument("--jobs", type=int, default=1, help="workloads simulated in parallel")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "compare_policies.json"))
