@@ -106,7 +106,12 @@ _SCHEDULER_FLAGS = (
         "mean hit ratio of the ranks from which new prefixes are spread",
         float,
     ),
-    _Flag("--tree-capacity-tokens", "tree_capacity_tokens", "cap of the global radix tree", int),
+    _Flag(
+        "--tree-capacity-tokens",
+        "tree_capacity_tokens",
+        "cap of the global radix tree (0: twice the workers' KV capacity, at least 4M)",
+        int,
+    ),
     _Flag(
         "--no-online-fit",
         "online_fit",

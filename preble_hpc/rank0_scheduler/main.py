@@ -170,6 +170,7 @@ class Rank0Runtime:
         self._slots_lock = threading.Lock()
         self._admitted = 0  # requests holding an in-flight slot (queued or live)
         self._closed = False
+        self._stop_deadline = 0.0  # set by the first shutdown call
         self._counts: dict[str, int] = {
             "submitted": 0,
             "finished": 0,
@@ -295,9 +296,27 @@ class Rank0Runtime:
     def shutdown(self, drain: bool, timeout_s: float = 60.0) -> bool:
         """Stop every live worker. ``drain``: let in-flight requests finish first (their sinks
         get their results); otherwise fail them with ``unavailable`` right away and have the
-        workers abort them. Returns False if some worker did not confirm in ``timeout_s``."""
-        if self._closed:
-            return True
+        workers abort them. Returns False if some worker did not confirm in ``timeout_s``. A
+        later call sends nothing more and waits no longer than the first call's deadline: the
+        batch loop and then the MPI job both call it, and the job must see a stuck rank to abort
+        the job rather than wait for it in MPI_Finalize forever."""
+        if not self._closed:
+            self._close_and_stop_workers(drain)
+            self._stop_deadline = self._clock() + timeout_s
+        deadline = self._stop_deadline
+        while self._running_ranks() and self._clock() < deadline:
+            for source, msg in self._transport.poll(self._config.idle_sleep_s):
+                self._dispatch(source, msg)
+            self._expire_deadlines()
+            self._transport.flush()
+        if self._running_ranks():
+            log.error(
+                "worker rank(s) %s did not stop within %.0f s", self._running_ranks(), timeout_s
+            )
+            return False
+        return True
+
+    def _close_and_stop_workers(self, drain: bool) -> None:
         with self._slots_lock:
             self._closed = True
         self._drain_commands()  # every submit queued before closing: failed as unavailable
@@ -310,18 +329,6 @@ class Rank0Runtime:
         for rank in self._running_ranks():
             self._transport.send(rank, Shutdown(drain=drain))
         self._transport.flush()
-        deadline = self._clock() + timeout_s
-        while self._running_ranks() and self._clock() < deadline:
-            for source, msg in self._transport.poll(self._config.idle_sleep_s):
-                self._dispatch(source, msg)
-            self._expire_deadlines()
-            self._transport.flush()
-        if self._running_ranks():
-            log.error(
-                "worker rank(s) %s did not stop within %.0f s", self._running_ranks(), timeout_s
-            )
-            return False
-        return True
 
     def _running_ranks(self) -> list[int]:
         """Worker processes that have not confirmed their stop (failed ones included)."""

@@ -125,12 +125,16 @@ def _common_len(seg: array, tokens: array, offset: int, limit: int) -> int:
     return lo
 
 
+def _check_capacity(capacity_tokens: int) -> None:
+    if capacity_tokens <= 0:
+        raise ValueError(f"capacity_tokens must be > 0, got {capacity_tokens}")
+
+
 class RadixTree:
     """Prefix tree of token ids with per-rank holders, windowed hits and a token cap."""
 
     def __init__(self, capacity_tokens: int, window_s: float) -> None:
-        if capacity_tokens <= 0:
-            raise ValueError(f"capacity_tokens must be > 0, got {capacity_tokens}")
+        _check_capacity(capacity_tokens)
         if window_s <= 0:
             raise ValueError(f"window_s must be > 0, got {window_s}")
         self.capacity_tokens = capacity_tokens
@@ -465,6 +469,12 @@ class RadixTree:
                 self._unheld.pop(node, None)
             node.parent = None
             stack.extend(node.children.values())
+
+    def set_capacity(self, capacity_tokens: int) -> None:
+        """Change the cap; a lower one drops nodes at once, as a ``hold`` past the cap does."""
+        _check_capacity(capacity_tokens)
+        self.capacity_tokens = capacity_tokens
+        self._enforce_cap()
 
     def _enforce_cap(self) -> None:
         while self.total_tokens > self.capacity_tokens:

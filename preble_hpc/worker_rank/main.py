@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,7 @@ class _FaultPlan:
     def __init__(self, rank: int, spec: str) -> None:
         self.at_startup = False
         self.at_submit: int | None = None
+        self.at_shutdown = False
         self._submits = 0
         parts = spec.split(":") if spec else []
         if not parts or parts[0] != str(rank):
@@ -66,12 +68,22 @@ class _FaultPlan:
             self.at_startup = True
         elif len(parts) == 3 and parts[1] == "submit" and parts[2].isdigit():
             self.at_submit = int(parts[2])
+        elif parts[1:] == ["shutdown"]:
+            self.at_shutdown = True
         else:
-            raise ValueError(f"{FAULT_ENV}={spec!r}: use RANK:startup or RANK:submit:N")
+            raise ValueError(
+                f"{FAULT_ENV}={spec!r}: use RANK:startup, RANK:submit:N or RANK:shutdown"
+            )
 
     def check_startup(self) -> None:
         if self.at_startup:
             raise InjectedFault(f"injected fault at engine start ({FAULT_ENV})")
+
+    def check_shutdown(self) -> None:
+        """Never return: a rank stuck in its engine's shutdown (seen with vLLM on a loaded CPU)."""
+        if self.at_shutdown:
+            log.warning("rank stuck at shutdown on purpose (%s)", FAULT_ENV)
+            threading.Event().wait()
 
     def check_submit(self) -> None:
         self._submits += 1
@@ -161,7 +173,7 @@ class _WorkerLoop:
             self.transport.flush()
             self._close_worker()
             if self.shutdown is None:
-                return _wait_for_shutdown(self.transport)
+                return _wait_for_shutdown(self.transport, self.faults)
         self.transport.send(0, WorkerStopped(self.rank))
         self.transport.close()
         return 0
@@ -180,6 +192,7 @@ class _WorkerLoop:
         return self.worker.abort(msg.request_id)
 
     def _on_shutdown(self, msg: Shutdown) -> list[object]:
+        self.faults.check_shutdown()
         self.shutdown = msg
         if msg.drain:
             return []
@@ -201,10 +214,12 @@ class _WorkerLoop:
             log.exception("rank %d: engine shutdown after a failure also failed", self.rank)
 
 
-def _wait_for_shutdown(transport: Transport) -> int:
+def _wait_for_shutdown(transport: Transport, faults: _FaultPlan | None = None) -> int:
     """After a failure: ignore everything until rank 0 says ``Shutdown``, then confirm it."""
     while not any(isinstance(msg, Shutdown) for _, msg in transport.poll(_IDLE_POLL_S)):
         pass
+    if faults is not None:
+        faults.check_shutdown()
     transport.send(0, WorkerStopped(transport.rank))
     transport.close()
     return 0

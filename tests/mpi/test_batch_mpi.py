@@ -235,6 +235,42 @@ def test_a_worker_error_reaches_rank0_and_its_requests_are_rerouted(tiny_model, 
     assert moved and all(r["rank"] == 1 for r in moved)
 
 
+def test_a_worker_stuck_at_shutdown_after_sigterm_makes_rank0_abort_the_job(
+    tiny_model, mpiexec, tmp_path
+):
+    # The batch loop and then the job both stop the workers; the job used to take the second
+    # call's "already closed" for success and wait for the stuck rank in MPI_Finalize forever.
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [
+        {"id": f"s{i}", "prompt": f"Tale {i}", "max_tokens": 200, "ignore_eos": True}
+        for i in range(8)
+    ]
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = batch_cmd(3, tiny_model, inp, out, "--max-inflight", "2", "--shutdown-timeout-s", "5")
+    env = {**mpi_env(), "PREBLE_INJECT_FAULT": "2:shutdown"}
+    job = subprocess.Popen(
+        cmd,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_lines(out, 1, job)
+    job.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    try:
+        _, err = job.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate(timeout=60)
+        pytest.fail("the job hung after SIGTERM with a worker stuck at shutdown")
+    assert job.returncode != 0
+    assert "did not stop in time; aborting the MPI job" in err, err[-3000:]
+    assert time.monotonic() - t0 < 60
+    assert read_jsonl(out)  # what finished before the signal is kept
+
+
 def test_a_worker_that_cannot_start_fails_the_job_with_a_clear_message(
     tiny_model, mpiexec, tmp_path
 ):

@@ -144,6 +144,25 @@ def test_cap_forgets_lru_node_of_the_biggest_holder_when_all_are_held():
     t.check_invariants()
 
 
+def test_set_capacity_lower_drops_at_once_higher_keeps_everything():
+    t = tree(cap=20)
+    t.hold([1] * 4, 1, 0.0)
+    t.hold([2] * 4, 1, 1.0)
+    t.evict([2] * 4, 4, 1)  # unheld: the first to go
+    t.hold([3] * 4, 2, 2.0)
+    t.set_capacity(100)
+    assert t.total_tokens == 12 and t.forgotten_tokens == 0
+    t.set_capacity(8)  # drops the unheld [2]s: nothing held is forgotten
+    assert t.total_tokens == 8 and t.forgotten_tokens == 0
+    assert t.match([2]).length == 0 and t.match([1]).length == 1
+    t.set_capacity(4)  # all held: ranks 1 and 2 tie at 4 tokens; the first one's LRU node goes
+    assert t.total_tokens == 4 and t.forgotten_tokens == 4
+    assert t.match([1]).length == 0 and t.match([3]).length == 1
+    with pytest.raises(ValueError, match="capacity_tokens must be > 0, got 0"):
+        t.set_capacity(0)
+    t.check_invariants()
+
+
 def test_windowed_hits_slide_and_expire():
     t = tree()
     t.hold([1, 2], 1, 0.0)

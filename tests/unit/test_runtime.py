@@ -262,6 +262,11 @@ def test_a_silent_busy_worker_is_treated_as_failed_and_rank0_does_not_hang():
         assert all(f.ok and f.rank == 1 for f in sink.finals.values())
         assert "no message for" in c.rt.failed_ranks[2]
         assert not c.rt.shutdown(drain=False, timeout_s=0.3)  # the stuck rank never confirms
+        # The job's own shutdown follows the batch loop's: it must still see the stuck rank, or
+        # rank 0 would finalize MPI and wait for it forever instead of aborting the job.
+        t0 = time.monotonic()
+        assert not c.rt.shutdown(drain=False, timeout_s=30)
+        assert time.monotonic() - t0 < 1  # past the first call's deadline: no second wait
     finally:
         behaviour.release.set()
         for t in c.threads:
@@ -348,7 +353,9 @@ def test_fault_plan_parsing(monkeypatch):
     plan.check_submit()
     with pytest.raises(InjectedFault, match=FAULT_ENV):
         plan.check_submit()
-    with pytest.raises(ValueError, match="RANK:startup or RANK:submit:N"):
+    assert _FaultPlan(2, "2:shutdown").at_shutdown and not _FaultPlan(1, "2:shutdown").at_shutdown
+    _FaultPlan(1, "2:shutdown").check_shutdown()  # not this rank: returns
+    with pytest.raises(ValueError, match="RANK:startup, RANK:submit:N or RANK:shutdown"):
         _FaultPlan(1, "1:bogus")
 
 

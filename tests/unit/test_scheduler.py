@@ -271,6 +271,37 @@ def test_tree_stays_under_its_cap():
     s.tree.check_invariants()
 
 
+def test_tree_cap_follows_the_kv_the_workers_report_unless_set():
+    s, _ = make(ranks=(1, 2))
+    assert s.tree.capacity_tokens == 4_000_000  # before any WorkerReady: the floor
+    s.on_worker_ready(WorkerReady(1, 1_500_000, 16, 4096, "m"))
+    assert s.tree.capacity_tokens == 4_000_000  # 2 x 1.5M is below the floor
+    s.on_worker_ready(WorkerReady(2, 3_000_000, 16, 4096, "m"))
+    assert s.tree.capacity_tokens == 9_000_000  # 2 x (1.5M + 3M)
+    s.remove_rank(2)  # a failed rank may come back: the cap does not shrink
+    assert s.tree.capacity_tokens == 9_000_000
+    fixed, _ = make(ranks=(1,), tree_capacity_tokens=5000)
+    fixed.on_worker_ready(WorkerReady(1, 3_000_000, 16, 4096, "m"))
+    assert fixed.tree.capacity_tokens == 5000
+    with pytest.raises(ConfigError, match="tree_capacity_tokens must be >= 0"):
+        make(tree_capacity_tokens=-1)
+
+
+@pytest.mark.parametrize(("cap", "forgotten"), [(0, 0), (4_000_000, 1_000_000)])
+def test_the_auto_tree_cap_keeps_every_copy_large_engines_hold(cap, forgotten):
+    # Two ranks of 3M tokens each hold five distinct 1M-token prompts: a fixed 4M cap forgets
+    # the least recently used one (rank 0 would then route its hits as misses); the auto cap
+    # (2 x 6M) keeps all five.
+    s, clock = make(ranks=(1, 2), tree_capacity_tokens=cap)
+    for r in (1, 2):
+        s.on_worker_ready(WorkerReady(r, 3_000_000, 16, 4096, "m"))
+    for i in range(5):
+        clock.t = float(i)
+        s.schedule(f"p{i}", range(i * 1_000_000, (i + 1) * 1_000_000), 1)
+    assert s.stats()["tree"]["forgotten_tokens"] == forgotten
+    assert s.tree.total_tokens == 5_000_000 - forgotten
+
+
 @pytest.mark.parametrize("policy", [p for p in POLICY_NAMES if p != "e2"])
 def test_baselines_run_through_the_scheduler(policy):
     s, clock = make(ranks=(1, 2, 3), policy=policy)
