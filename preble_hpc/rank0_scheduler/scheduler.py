@@ -368,7 +368,14 @@ class GlobalScheduler:
         estimate = prefill + self.cost.decode_s(out_tokens)
         if n:
             self.tree.record_hit(m, now)
-            self.tree.hold(token_ids, rank, now, m)
+            # Only whole blocks: an engine caches (and later reports evicting) full blocks only,
+            # so a partial last block held here would never be released (at 64 full ranks
+            # thousands of such stranded tails made every eviction walk crawl).
+            full = n - n % self._block_size[rank]
+            if full == n:
+                self.tree.hold(token_ids, rank, now, m)
+            elif full:
+                self.tree.hold(m.tokens[:full], rank, now)
         self.loads.add(request_id, rank, estimate, n, cached, now)
         blocks = -(-n // self._block_size[rank])
         self._requests[request_id] = _Request(rank, now, n, new_tokens, blocks, max_tokens, prefill)

@@ -64,8 +64,25 @@ def test_first_request_explores_then_shared_prefix_is_exploited():
     st = s.stats()
     assert st["decisions"]["explore"] == 2 and st["decisions"]["exploit"] == 1
     assert st["ranks"]["1"]["in_flight"] == 2 and st["in_flight"] == 3
-    assert st["tree"]["tokens"] == 1100 + 1050
+    # Whole 16-token blocks only: 1040 of each 1050-token prompt, the SYSTEM prefix once.
+    assert st["tree"]["tokens"] == 1040 + 1040 + 40
     json.dumps(st)
+
+
+def test_schedule_holds_whole_blocks_only_so_a_partial_tail_is_never_stranded():
+    # An engine caches full blocks only and reports evicting only those: a partial last block
+    # marked here would stay "held" for ever.
+    s, _ = make(ranks=(1,))
+    s.schedule("a", SYSTEM + [7] * 20, 16)  # 1020 tokens: 63 blocks + 12
+    assert s.tree.held_tokens(1) == 1008
+    assert s.tree.match(SYSTEM + [7] * 20).per_rank == {1: 1008}
+    s.schedule("b", list(range(5)), 16)  # under one block: nothing to hold
+    assert s.tree.held_tokens(1) == 1008
+    s.schedule("c", SYSTEM[:992], 16)  # block-aligned: held whole
+    assert s.tree.held_tokens(1) == 1008
+    # The engine's eviction of the last full block now releases everything the rank held there.
+    s.on_cache_report(CacheReport(1, [CacheEvent(CacheEventKind.EVICTED, tuple(SYSTEM[:16]), 16)]))
+    assert s.tree.held_tokens(1) == 0
 
 
 def test_low_load_spreads_a_shared_prefix():
