@@ -230,16 +230,17 @@ class RadixTree:
 
     def hits(self, node: Node, now: float) -> float:
         """Requests that matched ``node`` in the last window (sliding-window estimate)."""
-        w = self.window_s
-        epoch = int(now // w)
+        epoch, keep_prev = self._window_at(now)
         if node.hit_epoch == epoch:
-            prev, cur = node.hit_prev, node.hit_cur
-        elif node.hit_epoch == epoch - 1:
-            prev, cur = node.hit_cur, 0
-        else:
-            return 0.0
-        frac = now / w - epoch
-        return prev * (1.0 - frac) + cur
+            return node.hit_prev * keep_prev + node.hit_cur
+        if node.hit_epoch == epoch - 1:
+            return node.hit_cur * keep_prev
+        return 0.0
+
+    def _window_at(self, now: float) -> tuple[int, float]:
+        """The hit window's bucket at ``now`` and the weight its previous bucket still has."""
+        epoch = int(now // self.window_s)
+        return epoch, 1.0 - (now / self.window_s - epoch)
 
     def eviction_cost(
         self,
@@ -265,10 +266,9 @@ class RadixTree:
         if not lru:
             return 0.0
         protect = set(keep.path) if keep is not None else ()
-        # ``hits`` inlined (same arithmetic): a full rank can walk hundreds of cold nodes per
-        # call, and this loop was half of the simulator's time at 64 GPUs.
-        epoch = int(now // self.window_s)
-        keep_prev = 1.0 - (now / self.window_s - epoch)
+        # ``hits`` inlined: a full rank can walk hundreds of cold nodes per call (17M nodes in
+        # a 100k-request mix run at 64 GPUs).
+        epoch, keep_prev = self._window_at(now)
         freed = 0
         cost = 0.0
         for node in lru:

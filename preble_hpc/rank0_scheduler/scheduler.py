@@ -366,18 +366,19 @@ class GlobalScheduler:
         new_tokens = n - cached
         prefill = inp.prefill_cost(rank)
         estimate = prefill + self.cost.decode_s(out_tokens)
+        block_size = self._block_size[rank]
         if n:
             self.tree.record_hit(m, now)
             # Only whole blocks: an engine caches (and later reports evicting) full blocks only,
             # so a partial last block held here would never be released (at 64 full ranks
             # thousands of such stranded tails made every eviction walk crawl).
-            full = n - n % self._block_size[rank]
+            full = n - n % block_size
             if full == n:
                 self.tree.hold(token_ids, rank, now, m)
             elif full:
                 self.tree.hold(m.tokens[:full], rank, now)
         self.loads.add(request_id, rank, estimate, n, cached, now)
-        blocks = -(-n // self._block_size[rank])
+        blocks = -(-n // block_size)
         self._requests[request_id] = _Request(rank, now, n, new_tokens, blocks, max_tokens, prefill)
         self._in_flight[rank] += 1
         self._context[rank] += n
