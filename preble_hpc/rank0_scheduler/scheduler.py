@@ -373,10 +373,8 @@ class GlobalScheduler:
             # so a partial last block held here would never be released (at 64 full ranks
             # thousands of such stranded tails made every eviction walk crawl).
             full = n - n % block_size
-            if full == n:
-                self.tree.hold(token_ids, rank, now, m)
-            elif full:
-                self.tree.hold(m.tokens[:full], rank, now)
+            if full:
+                self.tree.hold(token_ids, rank, now, m, upto=full)
         self.loads.add(request_id, rank, estimate, n, cached, now)
         blocks = -(-n // block_size)
         self._requests[request_id] = _Request(rank, now, n, new_tokens, blocks, max_tokens, prefill)

@@ -251,6 +251,13 @@ def test_random_evictions_keep_invariants_and_drop_the_evicted_block(stored, dat
     for _ in range(data.draw(st.integers(0, 10))):
         p = data.draw(st.sampled_from(stored))
         rank = data.draw(st.integers(1, 3))
+        if data.draw(st.integers(0, 9)) == 0:
+            t.clear_rank(rank)
+            t.check_invariants()
+            assert t.held_tokens(rank) == 0
+            t.hold(p, rank, 0.0)
+            t.check_invariants()
+            continue
         end = data.draw(st.integers(1, len(p)))
         block = data.draw(st.integers(1, end))
         t.evict(p[:end], block, rank)
@@ -262,3 +269,37 @@ def test_random_evictions_keep_invariants_and_drop_the_evicted_block(stored, dat
             held <= _lcp(q, p[:end]) < end and t.match(q).per_rank.get(rank, 0) >= held
             for q in stored
         )
+
+
+@settings(max_examples=200, deadline=None)
+@given(prompts, st.data())
+def test_hold_upto_equals_holding_the_cut_prompt(stored, data):
+    """``hold(p, upto=k)``, with the match of all of ``p`` or without, is ``hold(p[:k])``."""
+    a, b = tree(), tree()
+    for p in stored:
+        rank = data.draw(st.integers(1, 3))
+        upto = data.draw(st.integers(0, len(p)))
+        m = a.match(p) if data.draw(st.booleans()) else None
+        assert a.hold(p, rank, 0.0, m, upto=upto) == b.hold(p[:upto], rank, 0.0)
+        assert segs(a) == segs(b)
+        assert a.held_by_rank == b.held_by_rank
+        a.check_invariants()
+
+
+def test_evict_asks_the_per_rank_child_count_for_other_branches():
+    t = tree()
+    t.hold([1, 2, 3, 4, 5, 6], 1, 0.0)
+    t.hold([1, 2, 3, 4, 8, 9], 1, 0.0)
+    t.hold([1, 2, 3, 4, 7], 2, 0.0)
+    upper = t.root.children[1]
+    assert upper.rank_children == {1: 2, 2: 1}
+    assert t.root.rank_children == {1: 1, 2: 1}
+    # Rank 2's only branch below [1..4] goes, and with it rank 2's count there.
+    assert t.evict([1, 2, 3, 4, 7], 1, 2) == 1
+    assert upper.rank_children == {1: 2}
+    # Rank 1 holds another branch inside the block [3, 6): it keeps [1..4].
+    assert t.evict([1, 2, 3, 4, 5, 6], 3, 1) == 2
+    assert upper.rank_children == {1: 1}
+    t.clear_rank(1)
+    assert upper.rank_children is not None and not upper.rank_children
+    t.check_invariants()
