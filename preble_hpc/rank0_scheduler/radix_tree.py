@@ -1,14 +1,20 @@
 """Global radix tree over token ids: which rank holds which prefix, and how hot each prefix is.
 
-The tree mirrors the engines' prefix caches. A node is a run of tokens; ``node.ranks`` is the set of
-ranks whose engine holds the whole path from the root through that node. Because an engine can only
-hold a block if it holds the blocks before it, holder sets shrink going down a path::
+The tree mirrors the engines' prefix caches. A node is a run of tokens; ``node.ranks`` maps each
+rank whose engine holds the path from the root into that node to how many of the node's tokens it
+holds (all of them, or a first part: an engine evicts a block at a time from the end). Because an
+engine can only hold a block if it holds the blocks before it, holders shrink going down a path,
+and only a rank that holds a node whole can hold anything below it::
 
-    root ── [system 0..900) {1,2,3} ──┬── [doc A 900..1800) {1,2} ── [question 1800..1850) {2}
-                                      └── [doc B 900..1700) {3}
+    root ── [system 0..900) {1:900, 2:900, 3:900} ──┬── [doc A 900..1800) {1:900, 2:320} ── ...
+                                                    └── [doc B 900..1700) {3:800}
 
-(the invariant ``child.ranks <= parent.ranks`` is kept by every mutation below). The longest prefix
-rank r holds for a prompt is the end depth of the deepest matched node that has r.
+(kept by every mutation below). The longest prefix rank r holds for a prompt is the start of the
+deepest matched node that has r plus what r holds of it, up to what the prompt matched there.
+
+Nodes split only where prompts diverge, never where a rank's copy ends: with 64 engines each
+evicting its own tails, splitting at every such end cut a 10k-token video prefix into ~100 nodes
+(round robin at 64 GPUs), and every walk, mark and eviction paid for each.
 
 Memory is bounded: the tree holds at most ``capacity_tokens`` tokens. Past it, nodes that no rank
 holds go first (oldest first), then, if every node is held, the least recently used node of the
@@ -65,7 +71,8 @@ class Node:
         self.size = len(seg)
         self.children: dict[int, Node] = {}
         self.parent = parent
-        self.ranks: set[int] = set()
+        #: rank -> tokens of this node it holds (1..size; size for every rank a child has).
+        self.ranks: dict[int, int] = {}
         self.depth = depth
         self.last_access = now
         # Windowed hit counter: counts in the current and the previous window-long bucket.
@@ -232,24 +239,25 @@ class RadixTree:
         per_rank: dict[int, int] = {}
         if not path:
             return per_rank, 0, []
-        everyone = len(path[0].ranks)  # holder sets shrink going down: path[0] has all of them
+        everyone = len(path[0].ranks)  # holders shrink going down: path[0] has all of them
         last = len(path) - 1
-        cached = 0
-        holders: list[int] = []
         for idx in range(last, -1, -1):
-            ranks = path[idx].ranks
+            node = path[idx]
+            ranks = node.ranks
             if not ranks:
                 continue
-            node = path[idx]
-            end = node.start + tail if idx == last else node.depth
-            if not per_rank:
-                per_rank = dict.fromkeys(ranks, end)  # the deepest holders: the longest prefix
-                cached = end
-                holders = sorted(ranks)
-            elif len(ranks) > len(per_rank):
-                per_rank.update(dict.fromkeys(ranks.difference(per_rank), end))
+            start = node.start
+            matched = tail if idx == last else node.size
+            for r, held in ranks.items():
+                if r not in per_rank:
+                    per_rank[r] = start + (held if held < matched else matched)
             if len(per_rank) == everyone:
                 break
+        if not per_rank:
+            return per_rank, 0, []
+        # Ranks found first (deepest node) end beyond every shallower node: the max is among them.
+        cached = max(per_rank.values())
+        holders = sorted(r for r, end in per_rank.items() if end == cached)
         return per_rank, cached, holders
 
     def held_tokens(self, rank: int) -> int:
@@ -307,7 +315,7 @@ class RadixTree:
         for node in lru:
             if node in protect:
                 continue
-            size = node.size
+            size = node.ranks[rank]
             hit_epoch = node.hit_epoch
             if hit_epoch == epoch:
                 h = node.hit_prev * keep_prev + node.hit_cur
@@ -366,12 +374,10 @@ class RadixTree:
             if upto is not None and upto < n:
                 path, length, tail = _truncate(path, length, tail, upto)
                 n = upto
-        if path and tail < len(path[-1].seg):
-            last = path[-1]
-            # Split when the new suffix branches off inside ``last``, or when the rank gains only
-            # the upper part of it.
-            if length < n or rank not in last.ranks:
-                path[-1] = self._split(last, tail)
+        last_held = tail
+        if path and tail < path[-1].size and length < n:
+            # The new suffix branches off inside the last node.
+            path[-1] = self._split(path[-1], tail)
         if length < n:
             parent = path[-1] if path else self.root
             leaf = Node(tokens[length:n], parent, n, now)
@@ -380,7 +386,8 @@ class RadixTree:
             self.num_nodes += 1
             self._unheld[leaf] = None  # held just below; keeps the bookkeeping in one place
             path.append(leaf)
-        gained = self._add_rank(path, rank, now)
+            last_held = leaf.size
+        gained = self._add_rank(path, rank, now, last_held)
         if self.total_tokens > self.capacity_tokens:
             self._enforce_cap()
         return gained
@@ -395,8 +402,8 @@ class RadixTree:
         keep the rank; so does the shared run of tokens above them::
 
             tokens:  [ ... prefix ... | e v i c t e d ]
-            tree:    ... ─ [p r e f i x] ─ [e v i] ┬─ [c t e d]   <- rank dropped from here down
-                                                   └─ [l ...]     <- another block: kept
+            tree:    ... ─ [p r e f i x e v i] ┬─ [c t e d]   <- rank dropped from here down
+                                               └─ [l ...]     <- another block: kept
         """
         tokens = as_tokens(tokens)
         n = len(tokens)
@@ -405,15 +412,16 @@ class RadixTree:
         start = n - block_tokens
         node = self.root
         i = 0
-        block_path: list[Node] = []  # nodes holding tokens start..n-1, from the top
+        block_path: list[Node] = []  # nodes whose held part holds tokens start..n-1, from the top
         while i < n:
             child = node.children.get(tokens[i])
             if child is None:
                 break  # the tree knows only part of the block (the rest was never seen or capped)
-            if rank not in child.ranks:
-                break  # the rank holds nothing from here down
+            held = child.ranks.get(rank)
+            size = child.size
+            if held is None or (held < size and i + held <= start):
+                break  # the rank holds nothing of the block from here down
             seg = child.seg
-            size = len(seg)
             if i + size <= n:
                 if seg != tokens[i : i + size]:
                     return 0
@@ -435,7 +443,7 @@ class RadixTree:
                 top_idx = idx
         top = block_path[top_idx]
         if top_idx == 0 and top.start < start:
-            self._split(top, start - top.start)  # ``top`` keeps the lower part
+            return self._cut_rank(top, rank, start - top.start)
         return self._drop_rank(top, rank)
 
     def clear_rank(self, rank: int) -> int:
@@ -446,7 +454,7 @@ class RadixTree:
             # A child holds the rank only if its parent does: the rank's nodes and the root are
             # every node with a count for it.
             for node in (self.root, *lru):
-                node.ranks.discard(rank)
+                node.ranks.pop(rank, None)
                 if node.replicas:
                     node.replicas.discard(rank)
                 if node.rank_children:
@@ -457,24 +465,34 @@ class RadixTree:
 
     # ------------------------------------------------------------------ internals
 
-    def _add_rank(self, path: list[Node], rank: int, now: float) -> int:
+    def _add_rank(self, path: list[Node], rank: int, now: float, last_held: int) -> int:
+        """``rank`` holds every node of ``path`` whole but the last, of which it holds at least
+        ``last_held`` tokens."""
         lru = self._rank_lru.get(rank)
         if lru is None:
             lru = self._rank_lru[rank] = {}
         gained = 0
+        want = last_held
         # Leaf first, then towards the root: ancestors end up more recent than their descendants,
         # so an LRU walk meets a leaf before its parent, as an engine evicts.
         for idx in range(len(path) - 1, -1, -1):
             node = path[idx]
             node.last_access = now
-            if rank in node.ranks:
+            ranks = node.ranks
+            held = ranks.get(rank)
+            if idx != len(path) - 1:
+                want = node.size
+            if held is not None:
                 del lru[node]
                 lru[node] = None
+                if held < want:
+                    ranks[rank] = want
+                    gained += want - held
                 continue
-            if not node.ranks:
+            if not ranks:
                 self._unheld.pop(node, None)
-            node.ranks.add(rank)
-            # _count_child(node, rank, 1), inlined: round robin at 64 GPUs adds ~100 nodes a call
+            ranks[rank] = want
+            # _count_child(node, rank, 1), inlined: round robin at 64 GPUs adds many nodes a call
             parent = node.parent
             assert parent is not None
             counts = parent.rank_children
@@ -483,20 +501,25 @@ class RadixTree:
             else:
                 counts[rank] = counts.get(rank, 0) + 1
             lru[node] = None
-            gained += node.size
+            gained += want
         self._held[rank] = self._held.get(rank, 0) + gained
         return gained
 
     def _split(self, node: Node, k: int) -> Node:
-        """Cut ``node`` after its first ``k`` tokens; returns the new upper node."""
+        """Cut ``node`` after its first ``k`` tokens (where a new prompt branches off); returns
+        the new upper node. Ranks holding ``k`` tokens or fewer of it now hold only the upper."""
         seg = node.seg
         upper = Node(seg[:k], node.parent, node.start + k, node.last_access)
-        upper.ranks = set(node.ranks)
-        if node.ranks:
-            upper.rank_children = dict.fromkeys(node.ranks, 1)
+        held = node.ranks
+        upper.ranks = {r: (h if h < k else k) for r, h in held.items()}
+        lower = {r: h - k for r, h in held.items() if h > k}
+        node.ranks = lower
+        if lower:
+            upper.rank_children = dict.fromkeys(lower, 1)
         upper.hit_epoch, upper.hit_cur, upper.hit_prev = node.hit_epoch, node.hit_cur, node.hit_prev
         if node.replicas:
             upper.replicas = set(node.replicas)
+            node.replicas.intersection_update(lower)
         node.seg = seg[k:]
         node.size -= k
         node.parent = upper
@@ -505,9 +528,14 @@ class RadixTree:
         upper.parent.children[seg[0]] = upper
         self.num_nodes += 1
         for r in upper.ranks:
-            self._rank_lru[r][upper] = None
+            lru = self._rank_lru[r]
+            lru[upper] = None
+            if r not in lower:
+                del lru[node]
         if not upper.ranks:
             self._unheld[upper] = None
+        elif not lower:
+            self._unheld[node] = None
         return upper
 
     def _drop_rank(self, top: Node, rank: int) -> int:
@@ -520,13 +548,13 @@ class RadixTree:
         stack = [top]
         while stack:
             node = stack.pop()
-            if rank not in node.ranks:
+            held = node.ranks.pop(rank, None)
+            if held is None:
                 continue
-            node.ranks.discard(rank)
             if node.replicas:
                 node.replicas.discard(rank)
             del lru[node]
-            dropped += node.size
+            dropped += held
             if not node.ranks:
                 self._unheld[node] = None
             # Every child loses the rank too, so its count here goes; none held it: nothing below.
@@ -534,6 +562,17 @@ class RadixTree:
             if below and below.pop(rank, 0):
                 stack.extend(node.children.values())
         self._held[rank] -= dropped
+        return dropped
+
+    def _cut_rank(self, node: Node, rank: int, keep: int) -> int:
+        """``rank`` keeps only the first ``keep`` (>= 1) tokens of ``node`` and nothing below."""
+        dropped = node.ranks[rank] - keep
+        node.ranks[rank] = keep
+        self._held[rank] -= dropped
+        below = node.rank_children
+        if below and below.get(rank):
+            for child in list(node.children.values()):
+                dropped += self._drop_rank(child, rank)
         return dropped
 
     def _remove_subtree(self, top: Node) -> None:
@@ -545,14 +584,13 @@ class RadixTree:
         stack = [top]
         while stack:
             node = stack.pop()
-            size = node.size
-            self.total_tokens -= size
+            self.total_tokens -= node.size
             self.num_nodes -= 1
             if node.ranks:
-                self.forgotten_tokens += size
-                for r in node.ranks:
+                self.forgotten_tokens += max(node.ranks.values())
+                for r, held in node.ranks.items():
                     del self._rank_lru[r][node]
-                    self._held[r] -= size
+                    self._held[r] -= held
             else:
                 self._unheld.pop(node, None)
             node.parent = None
@@ -593,14 +631,16 @@ class RadixTree:
                 assert child.seg and child.seg[0] == key
                 assert child.size == len(child.seg), child
                 assert child.depth == node.depth + len(child.seg)
-                assert child.ranks <= node.ranks or node is self.root, (node, child)
+                assert all(0 < h <= child.size for h in child.ranks.values()), child
+                if node is not self.root:
+                    assert all(node.ranks.get(r) == node.size for r in child.ranks), (node, child)
                 assert (not child.ranks) == (child in self._unheld), child
                 below = [c.ranks for c in child.children.values()]
                 counts = {r: k for r in child.ranks if (k := sum(r in rs for rs in below))}
                 assert (child.rank_children or {}) == counts, child
-                for r in child.ranks:
+                for r, h in child.ranks.items():
                     assert child in self._rank_lru[r]
-                    held[r] = held.get(r, 0) + len(child.seg)
+                    held[r] = held.get(r, 0) + h
                 total += len(child.seg)
                 count += 1
                 stack.append(child)

@@ -61,12 +61,22 @@ def test_split_on_branch_keeps_holders_and_counts():
     t.check_invariants()
 
 
-def test_rank_gaining_upper_part_only_splits_the_node():
+def test_rank_gaining_upper_part_only_holds_part_of_the_node_without_a_split():
     t = tree()
     t.hold([1, 2, 3, 4], 1, 0.0)
     assert t.hold([1, 2], 2, 0.0) == 2
-    assert segs(t) == [(0, 2, [1, 2]), (2, 4, [1])]
+    assert segs(t) == [(0, 4, [1, 2])]
+    assert t.root.children[1].ranks == {1: 4, 2: 2}
+    assert t.match([1, 2, 3, 4]).per_rank == {1: 4, 2: 2}
+    assert t.match([1, 2, 3, 9]).per_rank == {1: 3, 2: 2}
     assert t.hold([1, 2, 3, 4], 1, 0.0) == 0  # already held: no change
+    assert t.hold([1], 2, 0.0) == 0  # holds more of it already
+    assert t.hold([1, 2, 3], 2, 0.0) == 1
+    assert t.held_by_rank == {1: 4, 2: 3}
+    # A prompt branching off inside the node splits it where it branches.
+    assert t.hold([1, 2, 9], 3, 0.0) == 3
+    assert segs(t) == [(0, 2, [1, 2, 3]), (2, 4, [1, 2]), (2, 3, [3])]
+    assert t.root.children[1].children[3].ranks == {1: 2, 2: 1}
     t.check_invariants()
 
 
@@ -82,7 +92,8 @@ def test_evict_block_drops_rank_from_block_and_below():
     t.hold(list(range(10)), 2, 0.0)
     # Rank 1 evicts block [6, 8): it loses tokens 6..9, keeps 0..5; rank 2 untouched.
     assert t.evict(list(range(8)), 2, 1) == 4
-    assert segs(t) == [(0, 6, [1, 2]), (6, 10, [2])]
+    assert segs(t) == [(0, 10, [1, 2])]
+    assert t.root.children[0].ranks == {1: 6, 2: 10}
     assert t.match(list(range(10))).per_rank == {1: 6, 2: 10}
     assert t.held_tokens(1) == 6
     t.check_invariants()
@@ -303,3 +314,45 @@ def test_evict_asks_the_per_rank_child_count_for_other_branches():
     t.clear_rank(1)
     assert upper.rank_children is not None and not upper.rank_children
     t.check_invariants()
+
+
+def _held_prefix(held: set[tuple[int, ...]], query: list[int]) -> int:
+    k = 0
+    while k < len(query) and tuple(query[: k + 1]) in held:
+        k += 1
+    return k
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompts, st.data())
+def test_holds_and_evictions_match_a_token_level_model(stored, data):
+    """Per rank, the tree holds exactly a prefix-closed set of token runs: a hold adds a prompt's
+    prefixes; evicting a block drops every run through it, except the shared run above the last
+    point inside the block where another run the rank holds branches off."""
+    t = tree()
+    model: dict[int, set[tuple[int, ...]]] = {r: set() for r in (1, 2, 3)}
+    for _ in range(data.draw(st.integers(1, 25))):
+        rank = data.draw(st.integers(1, 3))
+        p = data.draw(st.sampled_from(stored))
+        held = model[rank]
+        if not held or data.draw(st.booleans()):
+            upto = data.draw(st.integers(1, len(p)))
+            new = {tuple(p[:k]) for k in range(1, upto + 1)} - held
+            assert t.hold(p, rank, 0.0, upto=upto) == len(new)
+            held |= new
+        else:
+            tokens = list(data.draw(st.sampled_from(sorted(held))))
+            block = data.draw(st.integers(1, len(tokens)))
+            start = len(tokens) - block
+            branches = [
+                d for q in held if start < (d := _lcp(q, tokens)) < len(tokens) and len(q) > d
+            ]
+            keep = max(branches, default=start)
+            gone = {q for q in held if len(q) > keep and list(q[: keep + 1]) == tokens[: keep + 1]}
+            assert t.evict(tokens, block, rank) == len(gone)
+            held -= gone
+        t.check_invariants()
+        for r, h in model.items():
+            assert t.held_tokens(r) == len(h)
+            for q in stored:
+                assert t.match(q).per_rank.get(r, 0) == _held_prefix(h, q)
