@@ -293,7 +293,8 @@ class RadixTree:
         bound: float = math.inf,
     ) -> float:
         """Cost of the KV ``rank`` must evict to free ``need_tokens``: for each node it would
-        evict (its LRU order), the time to recompute it times its windowed hits per holder.
+        evict (its LRU order), the time to recompute its part of the node times the node's
+        windowed hits per holder.
 
         ``recompute_s(tokens, context)`` is the cost model's marginal prefill time. Nodes of
         ``keep`` (the request's own matched path) are in use and never evicted. The walk stops as
