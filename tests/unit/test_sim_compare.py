@@ -244,3 +244,19 @@ def test_a_bad_set_is_a_usage_error_naming_it(pair, message, capsys):
         compare.main(["--workloads", "loogle", "--set", pair])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_mooncake_without_its_trace_is_a_clear_error_and_the_default_says_it_is_left_out(
+    tmp_path, capsys
+):
+    p = compare._parser()
+    missing = tmp_path / "no_trace.jsonl"
+    with pytest.raises(SystemExit) as exc:
+        compare._workload_names(p, "toolbench,mooncake", missing)
+    assert exc.value.code == 2
+    assert f"needs the Mooncake trace at {missing}" in capsys.readouterr().err
+    assert "mooncake" not in compare._workload_names(p, None, missing)
+    assert f"mooncake left out: no trace at {missing}" in capsys.readouterr().err
+    missing.write_text("")
+    assert compare._workload_names(p, None, missing)[-1] == "mooncake"
+    assert compare._workload_names(p, "apps,mooncake", missing) == ["apps", "mooncake"]
