@@ -63,13 +63,16 @@ VOCAB = 128_000
 
 
 def tree_mb(sched: GlobalScheduler) -> float:
-    """Rough size of the tree itself: nodes, their token arrays, child dicts, holder sets."""
+    """Rough size of the tree itself: nodes, their token arrays, child dicts, holder maps and
+    per-rank child counts."""
     total = 0
     stack = [sched.tree.root]
     while stack:
         node = stack.pop()
         total += sys.getsizeof(node) + sys.getsizeof(node.seg) + sys.getsizeof(node.children)
         total += sys.getsizeof(node.ranks)
+        if node.rank_children is not None:
+            total += sys.getsizeof(node.rank_children)
         stack.extend(node.children.values())
     return total / 2**20
 

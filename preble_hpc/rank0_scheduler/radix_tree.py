@@ -473,16 +473,15 @@ class RadixTree:
         if lru is None:
             lru = self._rank_lru[rank] = {}
         gained = 0
-        want = last_held
+        last = len(path) - 1
         # Leaf first, then towards the root: ancestors end up more recent than their descendants,
         # so an LRU walk meets a leaf before its parent, as an engine evicts.
-        for idx in range(len(path) - 1, -1, -1):
+        for idx in range(last, -1, -1):
             node = path[idx]
             node.last_access = now
             ranks = node.ranks
             held = ranks.get(rank)
-            if idx != len(path) - 1:
-                want = node.size
+            want = last_held if idx == last else node.size
             if held is not None:
                 del lru[node]
                 lru[node] = None
@@ -493,14 +492,7 @@ class RadixTree:
             if not ranks:
                 self._unheld.pop(node, None)
             ranks[rank] = want
-            # _count_child(node, rank, 1), inlined: round robin at 64 GPUs adds many nodes a call
-            parent = node.parent
-            assert parent is not None
-            counts = parent.rank_children
-            if counts is None:
-                parent.rank_children = {rank: 1}
-            else:
-                counts[rank] = counts.get(rank, 0) + 1
+            _count_child(node, rank, 1)
             lru[node] = None
             gained += want
         self._held[rank] = self._held.get(rank, 0) + gained
@@ -619,14 +611,14 @@ class RadixTree:
         total = 0
         count = 0
         held: dict[int, int] = {}
-        at_root: dict[int, int] = {}
-        for c in self.root.children.values():
-            for r in c.ranks:
-                at_root[r] = at_root.get(r, 0) + 1
-        assert (self.root.rank_children or {}) == at_root, (self.root.rank_children, at_root)
         stack = [self.root]
         while stack:
             node = stack.pop()
+            counts: dict[int, int] = {}
+            for c in node.children.values():
+                for r in c.ranks:
+                    counts[r] = counts.get(r, 0) + 1
+            assert (node.rank_children or {}) == counts, (node, node.rank_children, counts)
             for key, child in node.children.items():
                 assert child.parent is node
                 assert child.seg and child.seg[0] == key
@@ -636,9 +628,6 @@ class RadixTree:
                 if node is not self.root:
                     assert all(node.ranks.get(r) == node.size for r in child.ranks), (node, child)
                 assert (not child.ranks) == (child in self._unheld), child
-                below = [c.ranks for c in child.children.values()]
-                counts = {r: k for r in child.ranks if (k := sum(r in rs for rs in below))}
-                assert (child.rank_children or {}) == counts, child
                 for r, h in child.ranks.items():
                     assert child in self._rank_lru[r]
                     held[r] = held.get(r, 0) + h
