@@ -81,13 +81,15 @@ def compare_one(
     fixed_rate: float | None = None,
     eval_seeds: int = 1,
     sched: dict | None = None,
+    engine: dict | None = None,
 ) -> dict:
     """Sweep E2 over rates for one workload, then run every policy at the highest rate where E2
     finishes every request on each of ``sweep_seeds`` seeds (seed, seed + 1, ...): a rate that
     only one lucky seed gets through is past saturation, and its p99 is over the survivors.
     ``fixed_rate`` skips the sweep. The comparison runs on ``seed`` (its rows: ``rows``) and,
     with ``eval_seeds`` > 1, on the seeds after it too (every seed's rows: ``seed_rows``).
-    ``sched`` overrides ``SchedulerConfig`` fields for every run (E2's and the baselines').
+    ``sched`` overrides ``SchedulerConfig`` fields for every run (E2's and the baselines'),
+    ``engine`` ``SimConfig`` fields.
     Returns those rows, the sweep rows, the rate and the printed lines."""
     cfg = SchedulerConfig(**(sched or {}))
     lines: list[str] = []
@@ -97,7 +99,8 @@ def compare_one(
     def setup(rate: float, s: int = seed):
         reqs = requests_for(name, rate, duration, s)
         span = reqs[-1].arrival - reqs[0].arrival
-        return reqs, SimConfig(gpus=gpus, seed=s, drain_s=max(1.0, drain_frac * span))
+        drain = max(1.0, drain_frac * span)
+        return reqs, SimConfig(gpus=gpus, seed=s, drain_s=drain, **(engine or {}))
 
     rate = fixed_rate
     if rate is None:
@@ -175,7 +178,8 @@ def _run_policies(
     The references (ideal, pooled) are over the requests rank 0 accepts, as the runs are."""
     accepted, refused = accept(reqs, sim.max_model_len)
     ideal = ideal_hit_rate(accepted)
-    memory = gpus * sim.kv_capacity_tokens
+    # A host tier keeps a copy of what the GPU holds: the larger of the two is what a GPU holds.
+    memory = gpus * max(sim.kv_capacity_tokens, sim.host_kv_tokens)
     pooled = round(pooled_lru_hit_rate(accepted, memory), 6)
     oracle = round(pooled_oracle_hit_rate(accepted, memory), 6)
     lines += [
@@ -191,6 +195,8 @@ def _run_policies(
         row["rejected"] = res.rejected
         row["pooled_lru_hit_rate"] = pooled
         row["pooled_oracle_hit_rate"] = oracle
+        if sim.host_kv_tokens:
+            row["host_hit_rate"] = round(res.host_hit_rate, 6)
         rows.append(row)
         lines.append(f"{format_row(row)}  ({res.wall_s:.1f}s)")
     return rows
@@ -243,6 +249,14 @@ def _parser() -> argparse.ArgumentParser:
         help="override a SchedulerConfig field for every run, e.g. --set "
         "explore_prefill_window_s=0 (repeatable)",
     )
+    p.add_argument(
+        "--sim-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a SimConfig field (the simulated engines) for every run, e.g. --sim-set "
+        "host_kv_tokens=2592000 (repeatable)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="workloads simulated in parallel")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "compare_policies.json"))
     p.add_argument("--replot", action="store_true", help="only redraw the plot of --out")
@@ -268,26 +282,33 @@ def _check_seeds(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 _BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
-def _overrides(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
-    """``--set FIELD=VALUE`` pairs as SchedulerConfig fields, each value of its default's type;
-    an unknown field or an invalid value is a usage error."""
-    defaults = SchedulerConfig()
-    known = {f.name for f in fields(SchedulerConfig)}
+#: SimConfig fields the benchmark sets itself (per run), which ``--sim-set`` may not.
+_SIM_OWN = ("gpus", "seed", "drain_s")
+
+
+def _overrides(
+    p: argparse.ArgumentParser, pairs: list[str], cls: type = SchedulerConfig, flag: str = "--set"
+) -> dict:
+    """``FIELD=VALUE`` pairs as fields of the config class ``cls``, each value of its default's
+    type; an unknown field or an invalid value is a usage error."""
+    defaults = cls()
+    own = _SIM_OWN if cls is SimConfig else ()
+    known = {f.name for f in fields(cls)} - set(own)
     out: dict = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or key not in known:
             names = ", ".join(sorted(known))
-            p.error(f"--set {pair}: expected FIELD=VALUE with FIELD one of {names}")
+            p.error(f"{flag} {pair}: expected FIELD=VALUE with FIELD one of {names}")
         kind = type(getattr(defaults, key))
         try:
             out[key] = _BOOLS[text.lower()] if kind is bool else kind(text)
         except (KeyError, ValueError):
-            p.error(f"--set {pair}: {text!r} is not a {kind.__name__}")
+            p.error(f"{flag} {pair}: {text!r} is not a {kind.__name__}")
     try:
-        SchedulerConfig(**out)
+        cls(**out)
     except ConfigError as exc:
-        p.error(f"--set: {exc}")
+        p.error(f"{flag}: {exc}")
     return out
 
 
@@ -373,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     _check_seeds(p, args)
     fixed = _fixed_rates(p, args, names)
     sched = _overrides(p, args.set)
+    engine = _overrides(p, args.sim_set, SimConfig, "--sim-set")
     jobs = [
         (
             n,
@@ -384,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             fixed.get(n),
             args.eval_seeds,
             sched,
+            engine,
         )
         for n in names
     ]
@@ -405,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             # wall_s is this invocation's: it excludes the time of the resumed workloads
             "resumed": [r["name"] for r in results if r.get("resumed")],
             "scheduler_overrides": sched,
+            "engine_overrides": engine,
         },
         "selected_rates": {r["name"]: r["rate"] for r in results},
         "summary": summary,

@@ -52,6 +52,12 @@ _ENGINE_FLAGS = (
     _Flag("--dtype", "dtype", "auto, bfloat16, float16 or float32", str),
     _Flag("--max-model-len", "max_model_len", "longest prompt + output in tokens", int),
     _Flag("--kv-cache-gib", "kv_cache_gib", "KV-cache size per engine in GiB", float),
+    _Flag(
+        "--kv-offload-gib",
+        "kv_offload_gib",
+        "host-memory KV tier per engine in GiB (vLLM CPU offloading; GPU builds only)",
+        float,
+    ),
     _Flag("--gpu-memory-utilization", "gpu_memory_utilization", "GPU memory fraction", float),
     _Flag("--max-num-seqs", "max_num_seqs", "most sequences in one engine batch", int),
     _Flag("--max-num-batched-tokens", "max_num_batched_tokens", "token budget of a step", int),

@@ -46,6 +46,12 @@ class EngineConfig:
     which would override it. ``None``: that variable on CPU, ``gpu_memory_utilization`` on GPU."""
     gpu_memory_utilization: float = 0.9
     """Fraction of GPU memory vLLM may use (GPU only)."""
+    kv_offload_gib: float | None = None
+    """Host-memory KV tier per engine in GiB: vLLM's native CPU offloading
+    (``kv_offloading_size``; CUDA and XPU builds only, the CPU build refuses it). The engine keeps
+    a copy of the KV it computes there and loads a prefix the GPU has dropped instead of
+    recomputing it; rank 0 counts the tier in what the rank holds (``WorkerReady.host_kv_tokens``)
+    and learns from the KV events when a block has left both. ``None``: no host tier."""
     max_num_seqs: int = 256
     """Most sequences vLLM runs in one batch."""
     max_num_batched_tokens: int | None = None
@@ -75,6 +81,7 @@ class EngineConfig:
             f"EngineConfig.cpu_cores must be None or core ids >= 0, got {cores!r}",
         )
         _positive(self, "max_model_len", "kv_cache_gib", "max_num_seqs", "max_num_batched_tokens")
+        _positive(self, "kv_offload_gib")
         _positive(self, "tensor_parallel_size", "block_size")
         _require(
             0 < self.gpu_memory_utilization <= 1,
@@ -280,6 +287,19 @@ class SimConfig:
     """Per decoding sequence in a step."""
     decode_per_kv_token_s: float = 4.5e-8
     """Per KV token read by decode attention (memory bound: 128 KiB per token)."""
+    host_kv_tokens: int = 0
+    """KV tokens of each engine's host-memory tier (vLLM's CPU offloading, ``kv_offloading_size``);
+    0: none. Write-through, as vLLM's offloading connector stores what the GPU computes: a block
+    enters it when it enters the GPU's cache, and it evicts LRU on its own. A prompt whose prefix
+    the GPU has lost but the host still holds loads it instead of computing it. At least
+    ``kv_capacity_tokens`` when set: a write-through tier smaller than the GPU's adds nothing.
+    (6x the default KV, 2.59M tokens, is ~340 GB per GPU at 128 KiB per token.)"""
+    host_load_per_token_s: float = 3.3e-6
+    """Host-to-GPU transfer time per KV token: 131,072 B per token over PCIe Gen5 x16 at ~40 GB/s
+    (64 GB/s a direction at peak; H100 pinned-memory copies measure ~55 GB/s, block-sized DMA
+    less), ~7x less than computing it (2.2e-5 s and up). Transfers are asynchronous, as
+    vLLM's are: the request waits for its own load, FIFO on the engine's one link, while the
+    GPU runs other steps; the copy into host memory is not charged (the other direction)."""
     stats_interval_s: float = 0.5
     """How often each engine sends ``LoadStats`` to the scheduler."""
     drain_s: float | None = None
@@ -292,11 +312,21 @@ class SimConfig:
         _positive(self, "gpus", "kv_capacity_tokens", "block_size", "max_num_seqs")
         _positive(self, "max_num_batched_tokens", "max_model_len", "stats_interval_s", "drain_s")
         _positive(self, "step_base_s", "prefill_per_token_s")
-        for name in ("prefill_attention_s", "decode_per_seq_s", "decode_per_kv_token_s"):
+        for name in (
+            "prefill_attention_s",
+            "decode_per_seq_s",
+            "decode_per_kv_token_s",
+            "host_load_per_token_s",
+        ):
             value = getattr(self, name)
             _require(value >= 0, f"SimConfig.{name} must be >= 0, got {value}")
         _require(
             self.kv_capacity_tokens >= self.block_size,
             f"SimConfig.kv_capacity_tokens ({self.kv_capacity_tokens}) must hold one block "
             f"({self.block_size} tokens)",
+        )
+        _require(
+            self.host_kv_tokens == 0 or self.host_kv_tokens >= self.kv_capacity_tokens,
+            f"SimConfig.host_kv_tokens must be 0 (no host tier) or at least kv_capacity_tokens "
+            f"({self.kv_capacity_tokens}): the tier is write-through, got {self.host_kv_tokens}",
         )

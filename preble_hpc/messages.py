@@ -120,6 +120,9 @@ class WorkerReady:
     block_size: int
     max_model_len: int
     model: str
+    host_kv_tokens: int = 0
+    """KV tokens of its host-memory tier (KV offloading), 0 without one. The tier keeps a copy of
+    what the GPU computes, so the rank holds a prefix until the larger of the two evicts it."""
 
 
 @dataclass(slots=True)

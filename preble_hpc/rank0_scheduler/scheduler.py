@@ -188,7 +188,9 @@ class GlobalScheduler:
     def on_worker_ready(self, msg: WorkerReady) -> None:
         """Learn a rank's KV capacity and block size (a rank that restarts comes back live)."""
         self._add_rank(msg.rank)
-        self._capacity[msg.rank] = msg.kv_capacity_tokens
+        # What the rank holds before it must evict: its GPU's KV, or the host tier that keeps a
+        # copy of it when larger (a prefix the GPU drops is one load away, not recomputed).
+        self._capacity[msg.rank] = max(msg.kv_capacity_tokens, msg.host_kv_tokens)
         if msg.block_size > 0:
             self._block_size[msg.rank] = msg.block_size
         if not self.config.tree_capacity_tokens:

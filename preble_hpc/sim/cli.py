@@ -71,6 +71,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arrival", default="poisson", help="poisson, gamma or gamma:CV (default 2)")
     p.add_argument("--kv-capacity", type=int, help="KV tokens per GPU (default 432000)")
+    p.add_argument(
+        "--host-kv-tokens",
+        type=int,
+        default=0,
+        help="KV tokens of each GPU's host-memory tier (CPU offloading; default 0: none)",
+    )
     p.add_argument("--drain", type=float, help="seconds after the last arrival before stopping")
     return p.parse_args(list(argv))
 
@@ -84,6 +90,7 @@ def run(args: argparse.Namespace, out=None) -> list[dict]:
     sim = SimConfig(gpus=args.gpus, seed=args.seed, drain_s=args.drain)
     if args.kv_capacity:
         sim = replace(sim, kv_capacity_tokens=args.kv_capacity)
+    sim = replace(sim, host_kv_tokens=args.host_kv_tokens)
     rates = [float(r) for r in args.rate.split(",")] if args.rate else [None]
     rows: list[dict] = []
     sources = [args.trace] if args.trace else [w for w in args.workload.split(",") if w]
@@ -102,8 +109,12 @@ def run(args: argparse.Namespace, out=None) -> list[dict]:
             for pol in policies:
                 res = simulate(reqs, pol, sim, SchedulerConfig(), ideal=ideal)
                 row = res.row(label, rate_used)
+                host = ""
+                if sim.host_kv_tokens:
+                    row["host_hit_rate"] = round(res.host_hit_rate, 6)
+                    host = f" host {res.host_hit_rate:.3f}"
                 rows.append(row)
-                print(format_row(row), f" ({res.wall_s:.1f}s)", file=out, flush=True)
+                print(format_row(row) + host, f" ({res.wall_s:.1f}s)", file=out, flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n")

@@ -48,6 +48,9 @@ class SimResult:
     imbalance: float
     sim_time_s: float
     wall_s: float
+    host_hit_rate: float = 0.0
+    """The part of ``hit_rate`` loaded from the engines' host tiers (``SimConfig.host_kv_tokens``)
+    rather than found on the GPU."""
     rejected: int = 0
     """Requests rank 0 refused (prompt of max_model_len tokens or more); ``requests`` counts the
     rest."""
@@ -151,7 +154,14 @@ class _Run:
         self.engines = [SimEngine(r, sim, local) for r in ranks]
         for r in ranks:
             self.scheduler.on_worker_ready(
-                WorkerReady(r, sim.kv_capacity_tokens, sim.block_size, sim.max_model_len, "sim")
+                WorkerReady(
+                    r,
+                    sim.kv_capacity_tokens,
+                    sim.block_size,
+                    sim.max_model_len,
+                    "sim",
+                    host_kv_tokens=sim.host_kv_tokens,
+                )
             )
         self.t_first_arrival = reqs[0].arrival
         span = reqs[-1].arrival - self.t_first_arrival
@@ -276,6 +286,9 @@ class _Run:
             p99_ttft_s=_pct(ttfts, 0.99),
             throughput_rps=finished / dur if dur > 0 else math.nan,
             hit_rate=(sum(e.hit_tokens for e in engines) / done_prompt) if done_prompt else 0.0,
+            host_hit_rate=(
+                (sum(e.host_hit_tokens for e in engines) / done_prompt) if done_prompt else 0.0
+            ),
             ideal_hit_rate=ideal if ideal is not None else ideal_hit_rate(self.reqs),
             imbalance=max(busy) / mean_busy if mean_busy > 0 else 1.0,
             sim_time_s=self.now,

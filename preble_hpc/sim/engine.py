@@ -30,6 +30,12 @@ E2 must not be graded by its own estimates. What it models, vLLM-style:
   admitted while the first is still prefilling reuses what is computed so far.
 - Memory is reserved at admission for the whole prompt and output (no preemption); a request that
   does not fit waits in the local scheduler until running requests free blocks.
+- An optional **host-memory tier** (``SimConfig.host_kv_tokens``, vLLM's CPU offloading): a second
+  block cache, written through as blocks enter the GPU's and evicted LRU on its own. A request
+  whose prefix the host holds beyond the GPU's hit loads those blocks over the engine's one PCIe
+  link (FIFO, ``host_load_per_token_s``) while the GPU runs other steps, then prefills the rest.
+  Rank 0 then hears of evictions from the host tier only: a block the GPU drops is still the
+  rank's, one load away.
 
 Calibration (defaults of ``config.SimConfig``): Llama-3-8B bf16 under vLLM on one H100 80GB.
 This project's bench/results/gpu_profile_llama3-8b-h100.json (plain PyTorch on a real H100, bf16
@@ -243,7 +249,10 @@ class SimSeq:
     added_blocks: int = 0
     """Blocks its prefill has cached so far that no one had cached before (STORED at the end)."""
     cached_tokens: int = 0
+    """Prompt tokens it does not compute: its GPU hit and what it loads from the host tier."""
     computed: int = 0
+    ready_at: float = 0.0
+    """When its load from the host tier ends (it waits in ``SimEngine.loading`` until then)."""
     path: list[_Node] = field(default_factory=list)
     t_admit: float = 0.0
     t_first: float = 0.0
@@ -267,6 +276,12 @@ class SimEngine:
         self.cfg = cfg
         self.bs = cfg.block_size
         self.cache = BlockCache(cfg.kv_capacity_tokens // cfg.block_size, cfg.block_size)
+        self.host = (
+            BlockCache(cfg.host_kv_tokens // self.bs, self.bs) if cfg.host_kv_tokens else None
+        )
+        self.loading: deque[SimSeq] = deque()  # admitted, loading from the host tier (FIFO)
+        self.link_free = 0.0  # when the host-to-GPU link finishes the loads queued on it
+        self._idle = False  # the planned "step" only waits for a load to end
         self.ls = LocalScheduler(local)
         # When the cache last evicted blocks: the local scheduler's cache-pressure signal, as the
         # worker takes it from vLLM's KV events.
@@ -290,6 +305,7 @@ class SimEngine:
         self._macro_kv0 = 0
         self.prompt_tokens = 0
         self.hit_tokens = 0
+        self.host_hit_tokens = 0
         self._order = 0  # tie-break of the decode heap (deterministic, unlike id())
 
     # ---------------------------------------------------------------- requests
@@ -306,7 +322,9 @@ class SimEngine:
         self.ls.add(seq.req.request_id, seq.prompt, seq.cached_hint, seq)
 
     def has_work(self) -> bool:
-        return bool(self.decoding or self.prefilling or self.pending or len(self.ls))
+        return bool(
+            self.decoding or self.prefilling or self.loading or self.pending or len(self.ls)
+        )
 
     def waiting(self) -> int:
         return len(self.ls) + (self.pending is not None)
@@ -318,7 +336,8 @@ class SimEngine:
         need = seq.total_blocks - hit
         free = cache.capacity - cache.blocks - self.private
         if need > free:
-            if cache.evict(need - free, now, events):
+            # With a host tier the GPU's evictions are not the rank's: the host keeps the blocks.
+            if cache.evict(need - free, now, None if self.host else events):
                 self.evicted_at = now
             if need > cache.capacity - cache.blocks - self.private:
                 cache.unpin(path)
@@ -331,10 +350,53 @@ class SimEngine:
         seq.computed = seq.cached_tokens
         seq.t_admit = now
         self.nseq += 1
-        self.prefilling.append(seq)
         self.prompt_tokens += seq.prompt
+        loaded = self._host_hit(seq, hit, now, events)
+        if loaded:
+            # The link is FIFO: this load starts when the ones queued before it end.
+            seq.ready_at = self.link_free = (
+                max(now, self.link_free) + loaded * self.cfg.host_load_per_token_s
+            )
+            seq.cached_tokens += loaded
+            self.host_hit_tokens += loaded
+            self.loading.append(seq)
+        else:
+            self.prefilling.append(seq)
         self.hit_tokens += seq.cached_tokens
         return True
+
+    def _host_hit(self, seq: SimSeq, hit: int, now: float, events: list[CacheEvent]) -> int:
+        """Prompt tokens the host tier holds beyond the GPU's ``hit`` blocks (it loads them);
+        the tier's copy of the prefix counts as used now."""
+        host = self.host
+        if host is None:
+            return 0
+        pieces = seq.req.pieces
+        held = host.match(pieces)[1]
+        self._write_host(pieces, now, max(held, hit), events)
+        return max(0, min(held * self.bs, seq.prompt - 1) - seq.cached_tokens)
+
+    def _write_host(
+        self, pieces: tuple[Piece, ...], now: float, upto: int | None, events: list[CacheEvent]
+    ) -> None:
+        """Store (or touch) ``pieces`` up to block ``upto`` in the host tier, evicting its least
+        recently used blocks past its capacity; those leave the rank (EVICTED)."""
+        host = self.host
+        if host is None:
+            return
+        host.insert(pieces, now, upto)
+        over = host.blocks - host.capacity
+        if over > 0:
+            host.evict(over, now, events)
+
+    def _loads_done(self, now: float, events: list[CacheEvent]) -> None:
+        """Requests whose load from the host tier has ended join the prefill queue, their loaded
+        blocks cached on the GPU (a request admitted later reuses them there)."""
+        while self.loading and self.loading[0].ready_at <= now:
+            s = self.loading.popleft()
+            s.computed = s.cached_tokens
+            self._cache_progress(s, now, events)
+            self.prefilling.append(s)
 
     def _admit_some(self, now: float, budget: int, events: list[CacheEvent]) -> None:
         backlog = sum(s.prompt - s.computed for s in self.prefilling)
@@ -357,19 +419,27 @@ class SimEngine:
         """Start the next step at ``now``; returns its end time (None: nothing to run)."""
         cfg = self.cfg
         b = len(self.decoding)
+        self._loads_done(now, events)
         self._admit_some(now, cfg.max_num_batched_tokens - b, events)
         kv = self.kv_a + b * self.k
         self.step_start = now
         if not self.prefilling:
             if b == 0:
-                self.step_end = None
-                return None
+                # Nothing to compute: wake when the next load ends (an arrival cuts the wait).
+                self._idle = bool(self.loading)
+                self.step_end = self.loading[0].ready_at if self.loading else None
+                return self.step_end
             # Pure decode: batch is fixed until the next sequence ends (or an arrival cuts it).
             steps = self.decoding[0][0] - self.k
             self._macro = steps
             self._macro_b = b
             self._macro_kv0 = kv
             dur = self._decode_run_s(steps, b, kv)
+            if self.loading:
+                # End the run at the step where the next load has ended, for it to join.
+                self.step_end = now + dur
+                self.cut(self.loading[0].ready_at)
+                return self.step_end
         else:
             budget = cfg.max_num_batched_tokens - b
             chunks = []
@@ -401,9 +471,14 @@ class SimEngine:
 
     def cut(self, now: float) -> float | None:
         """An arrival at ``now`` during a run of decode steps: end the run at the first step
-        boundary at or after ``now`` (the new request joins the next step). Returns the new end
-        time if it changed."""
-        if self._macro <= 1 or self.step_end is None or now >= self.step_end:
+        boundary at or after ``now`` (the new request joins the next step); during a wait for a
+        load, end the wait now. Returns the new end time if it changed."""
+        if self.step_end is None or now >= self.step_end:
+            return None
+        if self._idle:
+            self.step_end = now
+            return now
+        if self._macro <= 1:
             return None
         cfg = self.cfg
         b, kv0 = self._macro_b, self._macro_kv0
@@ -427,9 +502,12 @@ class SimEngine:
     def complete(self, now: float) -> StepResult:
         """The planned step ends at ``now``: advance prefill and decode, finish what is done."""
         res = StepResult()
+        self.step_end = None
+        if self._idle:
+            self._idle = False
+            return res
         self.busy_s += now - self.step_start
         self.steps += 1
-        self.step_end = None
         if self._macro:
             self.k += self._macro
             self._macro = 0
@@ -439,7 +517,7 @@ class SimEngine:
             for s, c in self._chunks:
                 s.computed += c
                 if s.computed < s.prompt:
-                    self._cache_progress(s, now)
+                    self._cache_progress(s, now, res.events)
             self._chunks = []
             while self.prefilling and self.prefilling[0].computed >= self.prefilling[0].prompt:
                 self._prefill_done(self.prefilling.popleft(), now, res)
@@ -458,7 +536,7 @@ class SimEngine:
             self._finish(s, now, res)
         return res
 
-    def _cache_progress(self, s: SimSeq, now: float) -> None:
+    def _cache_progress(self, s: SimSeq, now: float, events: list[CacheEvent]) -> None:
         """Cache the whole blocks of the prompt computed so far, as vLLM does once a chunk is
         scheduled: a request sharing the prefix and admitted meanwhile reuses them instead of
         computing a second copy. Their blocks leave the request's private reservation."""
@@ -467,6 +545,7 @@ class SimEngine:
             return
         cache = self.cache
         path, added = cache.insert(s.req.pieces, now, done)
+        self._write_host(s.req.pieces, now, done, events)
         cache.pin(path, now)
         cache.unpin(s.path)
         s.path = path
@@ -479,6 +558,7 @@ class SimEngine:
         res.first_token.append(s)
         cache = self.cache
         path, added = cache.insert(s.req.pieces, now)
+        self._write_host(s.req.pieces, now, None, res.events)
         full = s.prompt // self.bs
         self.private -= full - s.hit_blocks
         cache.pin(path, now)
@@ -506,6 +586,7 @@ class SimEngine:
         if req.output_piece is not None:
             pieces = req.pieces + (req.output_piece,)
             path, added = cache.insert(pieces, now)
+            self._write_host(pieces, now, None, res.events)
             if added and s.tokens is not None:
                 end = (s.prompt + req.output_piece.n) // self.bs * self.bs
                 toks = s.tokens + req.output_piece.tokens()

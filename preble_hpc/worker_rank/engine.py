@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from preble_hpc.config import EngineConfig
+from preble_hpc.config import ConfigError, EngineConfig
 from preble_hpc.messages import CacheEvent, SamplingSpec
 from preble_hpc.worker_rank.cpu_binding import format_cpu_list
 from preble_hpc.worker_rank.kv_events import KVEventSubscriber
@@ -115,7 +115,29 @@ def engine_args(config: EngineConfig, kv_events: KVEventSubscriber | None):
             endpoint=kv_events.endpoint,
             replay_endpoint=kv_events.replay_endpoint,
         )
+    if config.kv_offload_gib is not None:
+        kwargs.update(kv_offloading_size=config.kv_offload_gib, kv_offloading_backend="native")
+        if kv_events is not None:
+            from vllm.config import KVTransferConfig
+
+            # Host-memory stores carry their tokens and parent (else only the block hash), so
+            # the worker can map one for a block it has already forgotten (kv_events.py).
+            kwargs["kv_transfer_config"] = KVTransferConfig(
+                kv_connector_extra_config={"self_describing_kv_events": True}
+            )
     return EngineArgs(**kwargs)
+
+
+def kv_bytes_per_token(vllm_config: Any) -> int:
+    """KV bytes one token takes across the whole model (keys and values of every layer and KV
+    head, summed over tensor- and pipeline-parallel workers): what sizes a host tier in tokens."""
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    layers = model.get_num_layers(parallel) * parallel.pipeline_parallel_size
+    heads = model.get_num_kv_heads(parallel) * parallel.tensor_parallel_size
+    dtype = kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, model)
+    return 2 * layers * heads * model.get_head_size() * dtype.itemsize
 
 
 class _StatsSink:
@@ -170,6 +192,21 @@ def _pin_cpu_threads(cores: tuple[int, ...] | None) -> None:
         log.info("CPU engine threads pinned to cores %s", os.environ[_CPU_BIND_ENV])
 
 
+def _check_offload(config: EngineConfig) -> None:
+    """vLLM's CPU build has no host tier to add (its KV cache is host memory already) and fails
+    deep in its worker process; say so before it starts."""
+    if config.kv_offload_gib is None:
+        return
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        raise ConfigError(
+            "EngineConfig.kv_offload_gib: vLLM's KV offloading needs a CUDA or XPU GPU; "
+            "this is vLLM's CPU build, whose KV cache is in host memory already "
+            "(size it with kv_cache_gib)"
+        )
+
+
 class EngineAdapter:
     """One vLLM engine with prefix caching and KV events (see the module docstring)."""
 
@@ -177,6 +214,7 @@ class EngineAdapter:
         from vllm.engine.llm_engine import LLMEngine
 
         self.config = config
+        _check_offload(config)
         if config.kv_cache_gib is not None:
             os.environ.pop(_CPU_KV_ENV, None)
         _pin_cpu_threads(config.cpu_cores)
@@ -200,6 +238,11 @@ class EngineAdapter:
         self.max_num_seqs: int = vllm_config.scheduler_config.max_num_seqs
         num_blocks = vllm_config.cache_config.num_gpu_blocks or 0
         self.kv_capacity_tokens: int = num_blocks * self.block_size
+        self.kv_bytes_per_token: int = kv_bytes_per_token(vllm_config)
+        #: Tokens of the host-memory tier (``kv_offload_gib``), 0 without one.
+        self.host_kv_tokens: int = int(
+            (config.kv_offload_gib or 0) * _GIB // self.kv_bytes_per_token
+        )
         self._prompt_len: dict[str, int] = {}
         self._completion: dict[str, int] = {}
         self._read_queries = 0

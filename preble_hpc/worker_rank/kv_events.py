@@ -16,6 +16,12 @@ parent before its child; the child's later removal must still map). A block the 
 (its parent chain was never seen, a missed event batch) becomes ``UNMAPPED`` with a detail:
 reported, never guessed.
 
+With KV offloading (``EngineConfig.kv_offload_gib``) the same block is announced per storage
+medium (``GPU``, ``CPU``, ...), and a medium may announce a block more than once: each block
+counts its announcements per medium, and only the removal that leaves it in no medium is an
+eviction. A block the GPU drops but host memory keeps is still the rank's: one load away. The
+offloading connector's placeholder stores (no tokens) are taken for blocks the map knows.
+
 Two parts: ``BlockPrefixMap`` (pure, fed decoded events; unit-tested without vLLM) and
 ``KVEventSubscriber`` (ZMQ SUB socket + msgspec decoding with vLLM's own types).
 """
@@ -26,7 +32,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from preble_hpc.messages import CacheEvent, CacheEventKind
@@ -34,12 +40,21 @@ from preble_hpc.messages import CacheEvent, CacheEventKind
 BlockHash = Any  # bytes or int, as vLLM's ExternalBlockHash
 
 
+#: The medium of events that name none (vLLM's GPU block pool names "GPU").
+GPU = "GPU"
+
+
 @dataclass(slots=True)
 class _Block:
     parent: BlockHash | None
     tokens: tuple[int, ...]
     children: int = 0
-    removed: bool = False
+    media: dict[str, int] = field(default_factory=dict)
+    """Medium -> announcements not yet removed; empty: removed from every medium."""
+
+    @property
+    def removed(self) -> bool:
+        return not self.media
 
 
 class BlockPrefixMap:
@@ -57,6 +72,7 @@ class BlockPrefixMap:
         out: list[CacheEvent] = []
         for event in events:
             kind = type(event).__name__
+            medium = getattr(event, "medium", None) or GPU
             if kind == "BlockStored":
                 out.append(
                     self.on_stored(
@@ -64,10 +80,11 @@ class BlockPrefixMap:
                         event.parent_block_hash,
                         event.token_ids,
                         event.block_size,
+                        medium,
                     )
                 )
             elif kind == "BlockRemoved":
-                out.extend(self.on_removed(event.block_hashes))
+                out.extend(self.on_removed(event.block_hashes, medium))
             elif kind == "AllBlocksCleared":
                 out.append(self.on_cleared())
             else:
@@ -80,7 +97,10 @@ class BlockPrefixMap:
         parent: BlockHash | None,
         token_ids: list[int],
         block_size: int,
+        medium: str = GPU,
     ) -> CacheEvent:
+        if not token_ids and block_hashes:
+            return self._stored_placeholder(block_hashes, medium)
         if len(token_ids) != len(block_hashes) * block_size:
             return CacheEvent(
                 CacheEventKind.UNMAPPED,
@@ -95,30 +115,56 @@ class BlockPrefixMap:
             )
         prev = parent
         for i, block_hash in enumerate(block_hashes):
-            self._put(block_hash, prev, tuple(token_ids[i * block_size : (i + 1) * block_size]))
+            tokens = tuple(token_ids[i * block_size : (i + 1) * block_size])
+            self._put(block_hash, prev, tokens, medium)
             prev = block_hash
         return CacheEvent(
             CacheEventKind.STORED, self.prefix(block_hashes[-1]), block_tokens=len(token_ids)
         )
 
-    def on_removed(self, block_hashes: list[BlockHash]) -> list[CacheEvent]:
+    def _stored_placeholder(self, block_hashes: list[BlockHash], medium: str) -> CacheEvent:
+        """A store that names blocks by hash only (vLLM's offloading connector without
+        self-describing events): another medium of blocks the map knows, or unmapped."""
+        unknown = [h for h in block_hashes if h not in self._blocks]
+        if unknown:
+            return CacheEvent(
+                CacheEventKind.UNMAPPED,
+                detail=f"BlockStored in {medium} without tokens of unknown block "
+                f"{_short(unknown[0])}",
+            )
+        for block_hash in block_hashes:
+            media = self._blocks[block_hash].media
+            media[medium] = media.get(medium, 0) + 1
+        last = self._blocks[block_hashes[-1]]
+        return CacheEvent(
+            CacheEventKind.STORED, self.prefix(block_hashes[-1]), block_tokens=len(last.tokens)
+        )
+
+    def on_removed(self, block_hashes: list[BlockHash], medium: str = GPU) -> list[CacheEvent]:
         out = []
         for block_hash in block_hashes:
             block = self._blocks.get(block_hash)
-            if block is None or block.removed:
+            left = block.media.get(medium, 0) if block is not None else 0
+            if block is None or not left:
+                where = "" if medium == GPU else f" in {medium}"
                 out.append(
                     CacheEvent(
                         CacheEventKind.UNMAPPED,
-                        detail=f"BlockRemoved of unknown block {_short(block_hash)}",
+                        detail=f"BlockRemoved{where} of unknown block {_short(block_hash)}",
                     )
                 )
                 continue
+            if left > 1:
+                block.media[medium] = left - 1
+            else:
+                del block.media[medium]
+            if block.media:
+                continue  # still held: another medium, or another copy in this one
             out.append(
                 CacheEvent(
                     CacheEventKind.EVICTED, self.prefix(block_hash), block_tokens=len(block.tokens)
                 )
             )
-            block.removed = True
             self._forget_if_unused(block_hash)
         return out
 
@@ -137,16 +183,16 @@ class BlockPrefixMap:
         return tuple(t for part in reversed(parts) for t in part)
 
     def _put(
-        self, block_hash: BlockHash, parent: BlockHash | None, tokens: tuple[int, ...]
+        self, block_hash: BlockHash, parent: BlockHash | None, tokens: tuple[int, ...], medium: str
     ) -> None:
-        old = self._blocks.get(block_hash)
-        if old is not None:
-            # Stored again (recomputed after eviction): same content, same parent; just revive.
-            old.removed = False
-            return
-        self._blocks[block_hash] = _Block(parent, tokens)
-        if parent is not None:
-            self._blocks[parent].children += 1
+        block = self._blocks.get(block_hash)
+        if block is None:
+            block = self._blocks[block_hash] = _Block(parent, tokens)
+            if parent is not None:
+                self._blocks[parent].children += 1
+        # Known already (recomputed after eviction, or stored in a second medium): same content
+        # and parent, one more announcement to remove before it is gone.
+        block.media[medium] = block.media.get(medium, 0) + 1
 
     def _forget_if_unused(self, block_hash: BlockHash) -> None:
         """Drop removed blocks no cached child needs for its prefix, walking up the chain."""

@@ -150,6 +150,7 @@ class Worker:
             block_size=self.engine.block_size,
             max_model_len=self.engine.max_model_len,
             model=self.engine_config.model,
+            host_kv_tokens=self.engine.host_kv_tokens,
         )
 
     def submit(self, msg: Submit) -> list[object]:

@@ -12,10 +12,11 @@ import subprocess
 import sys
 import time
 from array import array
+from dataclasses import replace
 
 import pytest
 
-from preble_hpc.config import EngineConfig, LocalSchedulerConfig
+from preble_hpc.config import ConfigError, EngineConfig, LocalSchedulerConfig
 from preble_hpc.messages import (
     CacheEventKind,
     CacheReport,
@@ -145,6 +146,31 @@ def test_engine_reports_its_limits(engine):
     blocks = engine.kv_capacity_tokens // engine.block_size
     assert engine.kv_capacity_tokens % engine.block_size == 0
     assert 4 <= blocks <= 200, f"{blocks} KV blocks for {KV_GIB} GiB"
+    # The bytes per token that size a host tier are those vLLM sized this cache by.
+    per_block = engine.block_size * engine.kv_bytes_per_token
+    assert blocks * per_block <= KV_GIB * 2**30 < (blocks + 1) * per_block
+    assert engine.host_kv_tokens == 0
+
+
+def test_a_host_tier_is_vllms_offloading_connector_and_the_cpu_build_refuses_it(tiny_model):
+    from preble_hpc.worker_rank.engine import EngineAdapter, engine_args
+    from preble_hpc.worker_rank.kv_events import KVEventSubscriber
+
+    cfg = EngineConfig(model=str(tiny_model), dtype="float32", max_model_len=MAX_MODEL_LEN)
+    cfg = replace(cfg, kv_cache_gib=KV_GIB, enforce_eager=True, kv_offload_gib=1.5)
+    events = KVEventSubscriber()
+    try:
+        transfer = engine_args(cfg, events).create_engine_config().kv_transfer_config
+    finally:
+        events.close()
+    assert transfer.kv_connector == "OffloadingConnector" and transfer.kv_role == "kv_both"
+    assert transfer.kv_connector_extra_config == {
+        "self_describing_kv_events": True,
+        "cpu_bytes_to_use": 1.5 * 2**30,
+    }
+    # vLLM's CPU build fails deep in its worker process; the adapter says why before it starts.
+    with pytest.raises(ConfigError, match="KV offloading needs a CUDA or XPU GPU"):
+        EngineAdapter(cfg)
 
 
 def test_greedy_output_equals_vllm_llm_generate(engine, reference):

@@ -35,3 +35,10 @@ def test_eviction_window_flag_reaches_the_local_scheduler_and_a_negative_one_is_
         ConfigError, match="eviction_window_s must be >= 0 .0 turns it off., got -1"
     ):
         _job("--eviction-window-s", "-1")
+
+
+def test_a_host_kv_tier_flag_reaches_the_engine_config_and_a_non_positive_one_is_refused():
+    assert _job().engine.kv_offload_gib is None
+    assert _job("--kv-offload-gib", "200").engine.kv_offload_gib == 200.0
+    with pytest.raises(ConfigError, match="kv_offload_gib must be > 0, got 0.0"):
+        _job("--kv-offload-gib", "0")

@@ -20,11 +20,13 @@ class BlockStored:
     parent_block_hash: object
     token_ids: list
     block_size: int = B
+    medium: str | None = None
 
 
 @dataclass
 class BlockRemoved:
     block_hashes: list
+    medium: str | None = None
 
 
 @dataclass
@@ -139,6 +141,42 @@ def test_bytes_hashes_work_like_ints():
     ev = m.apply([BlockStored([b"\x02" * 32], b"\x01" * 32, toks(4)), BlockRemoved([b"\x03"])])
     assert ev[0].token_ids == tuple(range(8))
     assert ev[1].kind is K.UNMAPPED and ev[1].detail.endswith("block 03")
+
+
+def test_a_block_host_memory_keeps_is_evicted_only_when_it_leaves_host_memory_too():
+    m = BlockPrefixMap()
+    m.apply([BlockStored([1, 2], None, toks(0, 2 * B), medium="GPU")])
+    ev = m.apply([BlockStored([1, 2], None, toks(0, 2 * B), medium="CPU")])
+    assert summary(ev) == [(K.STORED, tuple(range(8)), 8)]
+    assert m.apply([BlockRemoved([2, 1], medium="GPU")]) == []  # offloaded: still the rank's
+    ev = m.apply([BlockRemoved([2], medium="CPU")])
+    assert summary(ev) == [(K.EVICTED, tuple(range(8)), 4)]
+    # Loaded back to the GPU: a second medium again, so the host's eviction is not the rank's.
+    m.apply([BlockStored([1], None, toks(0), medium="GPU")])
+    assert m.apply([BlockRemoved([1], medium="CPU")]) == []
+    assert summary(m.apply([BlockRemoved([1])])) == [(K.EVICTED, tuple(range(4)), 4)]
+    assert len(m) == 0
+
+
+def test_a_block_announced_twice_in_a_medium_needs_two_removals():
+    # vLLM can cache two physical blocks of one hash (two requests filled it at once); each is
+    # stored and removed on its own, and the hash is gone only with the last.
+    m = BlockPrefixMap()
+    m.apply([BlockStored([1], None, toks(0)), BlockStored([1], None, toks(0))])
+    assert m.apply([BlockRemoved([1])]) == []
+    assert [e.kind for e in m.apply([BlockRemoved([1])])] == [K.EVICTED]
+
+
+def test_placeholder_stores_without_tokens_take_known_blocks_only():
+    m = BlockPrefixMap()
+    m.apply([BlockStored([1, 2], None, toks(0, 2 * B))])
+    ev = m.apply([BlockStored([2], None, [], block_size=0, medium="CPU")])
+    assert summary(ev) == [(K.STORED, tuple(range(8)), 4)]
+    assert m.apply([BlockRemoved([2])]) == []  # the CPU copy holds it
+    ev = m.apply([BlockStored([9], None, [], block_size=0, medium="CPU")])
+    assert ev[0].kind is K.UNMAPPED and "BlockStored in CPU without tokens" in ev[0].detail
+    ev = m.apply([BlockRemoved([1], medium="CPU")])
+    assert ev[0].kind is K.UNMAPPED and "BlockRemoved in CPU of unknown block" in ev[0].detail
 
 
 def test_prefix_mirror_follows_stored_and_evicted_events():

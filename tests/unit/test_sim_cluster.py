@@ -4,6 +4,7 @@ finishes, cache reports reach the tree, and E2 beats round robin on a prefix-hea
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -50,6 +51,22 @@ def test_every_request_finishes_and_e2_beats_round_robin_on_shared_documents():
     assert ev["stored"] > 0 and ev["evicted"] > 0 and ev["ignored"] == 0
     assert ev["not_in_tree"] <= 0.05 * ev["evicted"]
     assert sum(e2.decisions.values()) == len(reqs)
+
+
+def test_a_host_tier_keeps_what_the_gpus_evict_and_rank_0_routes_by_it():
+    reqs = toy_documents()
+    gpu_only = simulate(reqs, "round_robin", SMALL)
+    host = simulate(reqs, "round_robin", replace(SMALL, host_kv_tokens=120_000))
+    assert host.finished == len(reqs)
+    # Each GPU's host tier holds all 8 documents: round robin's misses become loads.
+    assert host.hit_rate > 0.9 > 0.5 > gpu_only.hit_rate
+    assert 0.3 < host.host_hit_rate < host.hit_rate
+    assert host.mean_latency_s < gpu_only.mean_latency_s
+    # Nothing leaves a host tier, so rank 0 hears of no eviction, and sizes each rank by it.
+    assert host.scheduler_stats["cache_events"]["evicted"] == 0
+    assert host.scheduler_stats["ranks"]["0"]["kv_capacity_tokens"] == 120_000
+    e2 = simulate(reqs, "e2", replace(SMALL, host_kv_tokens=120_000))
+    assert e2.finished == len(reqs) and e2.hit_rate > 0.9
 
 
 def test_runs_are_deterministic():
@@ -106,6 +123,18 @@ def test_cli_writes_rows_with_exactly_the_issue_keys_and_a_plot(tmp_path, capsys
     assert png.stat().st_size > 1000
     text = capsys.readouterr().out
     assert "== toolbench  rate 4/s" in text and "round_robin" in text
+
+
+def test_cli_simulates_a_host_tier_and_refuses_one_smaller_than_the_gpu(tmp_path, capsys):
+    out = tmp_path / "h.json"
+    argv = ["--workload", "loogle", "--gpus", "2", "--requests", "60", "--json", str(out)]
+    assert cli.main([*argv, "--host-kv-tokens", "2000000"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert all(set(r) == KEYS | {"host_hit_rate"} for r in rows)
+    assert all(0 <= r["host_hit_rate"] <= r["hit_rate"] for r in rows)
+    assert " host " in capsys.readouterr().out
+    assert cli.main([*argv, "--host-kv-tokens", "1000"]) == 2
+    assert "host_kv_tokens must be 0 (no host tier) or at least" in capsys.readouterr().err
 
 
 def test_cli_rejects_an_unknown_policy_and_replays_a_trace(tmp_path, capsys):

@@ -212,36 +212,64 @@ def test_resume_reruns_only_the_workloads_an_interrupted_run_left(tmp_path, monk
     ]
 
 
-def test_set_overrides_the_scheduler_config_of_every_run(tmp_path, monkeypatch):
+def _loogle_at_3_per_s(tmp_path, monkeypatch, config_arg: int, *flags: str):
+    """Every policy on LooGLE at 3/s on 2 GPUs with ``flags``: the output JSON and the config
+    (positional argument ``config_arg`` of ``simulate``) each run got."""
     seen: list = []
     real = compare.simulate
-    monkeypatch.setattr(compare, "simulate", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(
+        compare, "simulate", lambda *a, **k: seen.append(a[config_arg]) or real(*a, **k)
+    )
     out = tmp_path / "c.json"
     (tmp_path / "rates.json").write_text(json.dumps({"selected_rates": {"loogle": 3}}))
     args = ["--gpus", "2", "--duration", "5", "--workloads", "loogle", "--out", str(out)]
-    args += ["--rates-from", str(tmp_path / "rates.json")]
-    args += ["--set", "explore_prefill_window_s=30", "--set", "online_fit=false"]
-    assert compare.main(args) == 0
+    assert compare.main([*args, "--rates-from", str(tmp_path / "rates.json"), *flags]) == 0
     assert len(seen) == len(compare.POLICY_NAMES)
+    return json.loads(out.read_text()), seen
+
+
+def test_set_overrides_the_scheduler_config_of_every_run(tmp_path, monkeypatch):
+    flags = ("--set", "explore_prefill_window_s=30", "--set", "online_fit=false")
+    doc, seen = _loogle_at_3_per_s(tmp_path, monkeypatch, 3, *flags)
     assert {(c.explore_prefill_window_s, c.online_fit) for c in seen} == {(30.0, False)}
-    overrides = json.loads(out.read_text())["config"]["scheduler_overrides"]
+    overrides = doc["config"]["scheduler_overrides"]
     assert overrides == {"explore_prefill_window_s": 30.0, "online_fit": False}
 
 
+def test_sim_set_overrides_the_engines_of_every_run_and_sizes_the_references(tmp_path, monkeypatch):
+    flags = ("--sim-set", "host_kv_tokens=900000")
+    doc, seen = _loogle_at_3_per_s(tmp_path, monkeypatch, 2, *flags)
+    assert {(c.host_kv_tokens, c.gpus) for c in seen} == {(900_000, 2)}
+    assert doc["config"]["engine_overrides"] == {"host_kv_tokens": 900_000}
+    rows = doc["rows"]
+    assert all(0 <= r["host_hit_rate"] <= r["hit_rate"] for r in rows)
+    # The pooled references hold what two 900k-token host tiers hold.
+    accepted = compare.accept(compare.requests_for("loogle", 3, 5.0, 0), 131_072)[0]
+    pooled = compare.pooled_lru_hit_rate(accepted, 2 * 900_000)
+    assert {r["pooled_lru_hit_rate"] for r in rows} == {round(pooled, 6)}
+
+
 @pytest.mark.parametrize(
-    ("pair", "message"),
+    ("flag", "pair", "message"),
     [
-        ("no_such_field=1", "--set no_such_field=1: expected FIELD=VALUE with FIELD one of"),
-        ("new_prefix_slack", "--set new_prefix_slack: expected FIELD=VALUE"),
-        ("new_prefix_slack=wide", "--set new_prefix_slack=wide: 'wide' is not a float"),
-        ("__doc__=x", "--set __doc__=x: expected FIELD=VALUE with FIELD one of"),
-        ("online_fit=flase", "--set online_fit=flase: 'flase' is not a bool"),
-        ("new_prefix_slack=-1", "--set: SchedulerConfig.new_prefix_slack must be >= 0"),
+        (
+            "--set",
+            "no_such_field=1",
+            "--set no_such_field=1: expected FIELD=VALUE with FIELD one of",
+        ),
+        ("--set", "new_prefix_slack", "--set new_prefix_slack: expected FIELD=VALUE"),
+        ("--set", "new_prefix_slack=wide", "--set new_prefix_slack=wide: 'wide' is not a float"),
+        ("--set", "__doc__=x", "--set __doc__=x: expected FIELD=VALUE with FIELD one of"),
+        ("--set", "online_fit=flase", "--set online_fit=flase: 'flase' is not a bool"),
+        ("--set", "new_prefix_slack=-1", "--set: SchedulerConfig.new_prefix_slack must be >= 0"),
+        ("--sim-set", "gpus=4", "--sim-set gpus=4: expected FIELD=VALUE with FIELD one of"),
+        ("--sim-set", "host_kv_tokens=10", "--sim-set: SimConfig.host_kv_tokens must be 0 (no"),
+        ("--sim-set", "host_load_per_token_s=x", "--sim-set host_load_per_token_s=x: 'x' is not"),
     ],
 )
-def test_a_bad_set_is_a_usage_error_naming_it(pair, message, capsys):
+def test_a_bad_set_is_a_usage_error_naming_it(flag, pair, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        compare.main(["--workloads", "loogle", "--set", pair])
+        compare.main(["--workloads", "loogle", flag, pair])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 

@@ -4,10 +4,11 @@ step-time formulas of batching and chunked prefill."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
-from preble_hpc.config import LocalSchedulerConfig, SimConfig
+from preble_hpc.config import ConfigError, LocalSchedulerConfig, SimConfig
 from preble_hpc.messages import CacheEventKind
 from preble_hpc.sim.engine import BlockCache, SimEngine, SimSeq
 from preble_hpc.sim.workloads import Piece, SimRequest
@@ -257,3 +258,74 @@ def test_multi_turn_output_is_cached_for_the_next_turn():
     t2 = req("t2", [ctx, out1, Piece(3, 30)], out=1, arrival=100.0)
     out, _ = run(eng, [t1, t2])
     assert out["t2"][2].cached_tokens == 128  # (100 + 40) // 16 whole blocks
+
+
+# ---------------------------------------------------------------- host-memory tier
+
+HOST = replace(
+    CFG, kv_capacity_tokens=16 * 100, host_kv_tokens=16 * 300, host_load_per_token_s=1e-3
+)
+
+
+def _evict_doc_from_the_gpu(cfg: SimConfig = HOST) -> tuple[Piece, list[SimRequest]]:
+    """r0 caches a 60-block document; r1 then reserves 81 blocks (its prompt's 80 and one for its
+    output token) and pushes 41 of them off the 100-block GPU."""
+    doc = Piece(1, 960)
+    return doc, [req("r0", [doc], out=1), req("r1", [Piece(2, 1280)], out=1, arrival=10.0)]
+
+
+def test_a_prefix_the_gpu_evicted_loads_from_the_host_tier():
+    eng = SimEngine(0, HOST, LocalSchedulerConfig())
+    doc, first = _evict_doc_from_the_gpu()
+    r2 = req("r2", [doc, Piece(3, 160, keep=False)], out=1, arrival=20.0)
+    out, events = run(eng, [*first, r2])
+    # The GPU kept the document's first 19 blocks (304 tokens); the host has all 60 and loads
+    # the other 656 tokens over the link before the 160 new ones are computed.
+    fin = out["r2"][2]
+    assert fin.cached_tokens == 960 and eng.host_hit_tokens == 656
+    ready = 20.0 + 656 * 1e-3
+    assert out["r2"][0] == pytest.approx(ready + prefill_s(160, 960))
+    assert fin.prefill_s == pytest.approx(ready - 20.0 + prefill_s(160, 960))
+    # The GPU's evictions are not the rank's: the host tier still holds those blocks.
+    assert eng.cache.evicted_blocks > 0
+    assert not [e for e in events if e.kind is CacheEventKind.EVICTED]
+
+
+def test_an_arrival_is_computed_while_another_request_loads():
+    eng = SimEngine(0, HOST, LocalSchedulerConfig())
+    doc, first = _evict_doc_from_the_gpu()
+    r2 = req("r2", [doc, Piece(3, 160, keep=False)], out=1, arrival=20.0)
+    r3 = req("r3", [Piece(9, 160)], out=1, arrival=20.1)  # mid-load: the GPU is free
+    out, _ = run(eng, [*first, r2, r3])
+    assert out["r3"][0] == pytest.approx(20.1 + prefill_s(160))
+    assert out["r2"][0] == pytest.approx(20.0 + 656 * 1e-3 + prefill_s(160, 960))
+
+
+def test_a_decode_run_ends_at_the_step_where_a_load_ends():
+    eng = SimEngine(0, HOST, LocalSchedulerConfig())
+    doc, first = _evict_doc_from_the_gpu()
+    r2 = req("r2", [doc, Piece(3, 160, keep=False)], out=1, arrival=20.0)
+    long = req("long", [Piece(4, 16)], out=400, arrival=20.001)
+    out, _ = run(eng, [*first, long, r2])
+    # r2 joins the first step after its load, not the end of long's 400-step decode run.
+    ready = 20.0 + 656 * 1e-3
+    assert ready < out["r2"][0] < ready + decode_s(1, 500) + prefill_s(160, 960, 1, 500)
+    assert out["long"][1] > out["r2"][0] + 3.0
+
+
+def test_the_host_tiers_own_evictions_leave_the_rank():
+    cfg = replace(HOST, host_kv_tokens=16 * 100)  # as large as the GPU: it evicts as often
+    eng = SimEngine(0, cfg, LocalSchedulerConfig())
+    _, first = _evict_doc_from_the_gpu(cfg)
+    _, events = run(eng, first)
+    # r1's 80 cached blocks push 40 of the document's 60 out of the host too: blocks 20.. go.
+    ev = [e for e in events if e.kind is CacheEventKind.EVICTED]
+    assert [len(e.token_ids) for e in ev] == [21 * 16]
+    assert eng.host is not None and eng.host.blocks == 100 and eng.host.evicted_blocks == 40
+
+
+def test_a_host_tier_smaller_than_the_gpu_is_refused():
+    with pytest.raises(ConfigError, match="host_kv_tokens must be 0"):
+        replace(CFG, host_kv_tokens=16)
+    with pytest.raises(ConfigError, match="host_load_per_token_s must be >= 0"):
+        replace(HOST, host_load_per_token_s=-1.0)

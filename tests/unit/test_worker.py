@@ -39,6 +39,7 @@ class FakeEngine:
     block_size = BLOCK
     max_model_len = 64
     kv_capacity_tokens = 1024
+    host_kv_tokens = 4096
 
     def __init__(self, max_running: int = 100, with_timestamps: bool = False) -> None:
         self.max_running = max_running
@@ -166,6 +167,7 @@ def test_ready_message_reports_engine_limits():
         64,
         "fake",
     )
+    assert r.host_kv_tokens == 4096
 
 
 def test_bad_requests_get_request_errors_and_the_worker_keeps_serving():
