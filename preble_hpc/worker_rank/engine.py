@@ -130,14 +130,18 @@ def engine_args(config: EngineConfig, kv_events: KVEventSubscriber | None):
 
 def kv_bytes_per_token(vllm_config: Any) -> int:
     """KV bytes one token takes across the whole model (keys and values of every layer and KV
-    head, summed over tensor- and pipeline-parallel workers): what sizes a host tier in tokens."""
+    head, summed over tensor- and pipeline-parallel workers; MLA models keep one latent per
+    layer instead): what sizes a host tier in tokens."""
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
     layers = model.get_num_layers(parallel) * parallel.pipeline_parallel_size
-    heads = model.get_num_kv_heads(parallel) * parallel.tensor_parallel_size
+    if model.use_mla:
+        per_layer = 1  # one latent per token, the same on every tensor-parallel worker
+    else:
+        per_layer = 2 * model.get_num_kv_heads(parallel) * parallel.tensor_parallel_size
     dtype = kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, model)
-    return 2 * layers * heads * model.get_head_size() * dtype.itemsize
+    return layers * per_layer * model.get_head_size() * dtype.itemsize
 
 
 class _StatsSink:
