@@ -287,13 +287,16 @@ _SIM_OWN = ("gpus", "seed", "drain_s")
 
 
 def _overrides(
-    p: argparse.ArgumentParser, pairs: list[str], cls: type = SchedulerConfig, flag: str = "--set"
+    p: argparse.ArgumentParser,
+    pairs: list[str],
+    cls: type = SchedulerConfig,
+    flag: str = "--set",
+    exclude: tuple[str, ...] = (),
 ) -> dict:
-    """``FIELD=VALUE`` pairs as fields of the config class ``cls``, each value of its default's
-    type; an unknown field or an invalid value is a usage error."""
+    """``FIELD=VALUE`` pairs as fields of the config class ``cls`` but ``exclude``, each value
+    of its default's type; an unknown field or an invalid value is a usage error."""
     defaults = cls()
-    own = _SIM_OWN if cls is SimConfig else ()
-    known = {f.name for f in fields(cls)} - set(own)
+    known = {f.name for f in fields(cls)} - set(exclude)
     out: dict = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -394,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     _check_seeds(p, args)
     fixed = _fixed_rates(p, args, names)
     sched = _overrides(p, args.set)
-    engine = _overrides(p, args.sim_set, SimConfig, "--sim-set")
+    engine = _overrides(p, args.sim_set, SimConfig, "--sim-set", exclude=_SIM_OWN)
     jobs = [
         (
             n,

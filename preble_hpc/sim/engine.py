@@ -435,11 +435,6 @@ class SimEngine:
             self._macro_b = b
             self._macro_kv0 = kv
             dur = self._decode_run_s(steps, b, kv)
-            if self.loading:
-                # End the run at the step where the next load has ended, for it to join.
-                self.step_end = now + dur
-                self.cut(self.loading[0].ready_at)
-                return self.step_end
         else:
             budget = cfg.max_num_batched_tokens - b
             chunks = []
@@ -462,6 +457,9 @@ class SimEngine:
                 + (cfg.decode_per_seq_s * b + cfg.decode_per_kv_token_s * kv if b else 0.0)
             )
         self.step_end = now + dur
+        if self._macro and self.loading:
+            # End the run at the step where the next load has ended, for it to join.
+            self.cut(self.loading[0].ready_at)
         return self.step_end
 
     def _decode_run_s(self, steps: int, b: int, kv0: int) -> float:

@@ -184,14 +184,18 @@ class _StatsSink:
             self.hits += prefix.hits
 
 
+def _is_cpu_build() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def _pin_cpu_threads(cores: tuple[int, ...] | None) -> None:
     """On vLLM's CPU build, pin this engine's OpenMP threads to ``cores`` unless the user set
     ``VLLM_CPU_OMP_THREADS_BIND`` (the engine process reads it; GPU builds ignore it)."""
     if cores is None or _CPU_BIND_ENV in os.environ:
         return
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
+    if _is_cpu_build():
         os.environ[_CPU_BIND_ENV] = format_cpu_list(cores)
         log.info("CPU engine threads pinned to cores %s", os.environ[_CPU_BIND_ENV])
 
@@ -199,11 +203,7 @@ def _pin_cpu_threads(cores: tuple[int, ...] | None) -> None:
 def _check_offload(config: EngineConfig) -> None:
     """vLLM's CPU build has no host tier to add (its KV cache is host memory already) and fails
     deep in its worker process; say so before it starts."""
-    if config.kv_offload_gib is None:
-        return
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
+    if config.kv_offload_gib is not None and _is_cpu_build():
         raise ConfigError(
             "EngineConfig.kv_offload_gib: vLLM's KV offloading needs a CUDA or XPU GPU; "
             "this is vLLM's CPU build, whose KV cache is in host memory already "

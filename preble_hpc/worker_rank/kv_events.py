@@ -56,6 +56,10 @@ class _Block:
     def removed(self) -> bool:
         return not self.media
 
+    def announce(self, medium: str) -> None:
+        """One more copy in ``medium``: one more removal there before it is gone."""
+        self.media[medium] = self.media.get(medium, 0) + 1
+
 
 class BlockPrefixMap:
     """Block hash -> parent and tokens; turns vLLM KV events into ``CacheEvent``s."""
@@ -133,8 +137,7 @@ class BlockPrefixMap:
                 f"{_short(unknown[0])}",
             )
         for block_hash in block_hashes:
-            media = self._blocks[block_hash].media
-            media[medium] = media.get(medium, 0) + 1
+            self._blocks[block_hash].announce(medium)
         last = self._blocks[block_hashes[-1]]
         return CacheEvent(
             CacheEventKind.STORED, self.prefix(block_hashes[-1]), block_tokens=len(last.tokens)
@@ -192,7 +195,7 @@ class BlockPrefixMap:
                 self._blocks[parent].children += 1
         # Known already (recomputed after eviction, or stored in a second medium): same content
         # and parent, one more announcement to remove before it is gone.
-        block.media[medium] = block.media.get(medium, 0) + 1
+        block.announce(medium)
 
     def _forget_if_unused(self, block_hash: BlockHash) -> None:
         """Drop removed blocks no cached child needs for its prefix, walking up the chain."""
